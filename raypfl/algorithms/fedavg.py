@@ -1,0 +1,48 @@
+"""FedAvg (McMahan et al., 2017): local SGD on each client, weighted average of the updates at the server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from raypfl.aggregate import Aggregate, ClientUpdate
+from raypfl.algorithms.base import ClientContext
+from raypfl.config import OptimSpec, TrainSpec
+from raypfl.training import make_optimizer, train_local
+from raypfl.weights import get_flat
+
+
+class FedAvg:
+    """Clients send `local - global`; the server moves `server_lr` of the way to the weighted mean.
+
+    `weighting="samples"` weights a client by its number of training samples, `"uniform"` equally.
+    With `optim.persistent_state=true` a client's optimizer state (e.g. momentum) survives across rounds.
+    """
+
+    def __init__(self, optim: OptimSpec, train: TrainSpec, weighting: str = "samples", server_lr: float = 1.0):
+        self.optim = optim
+        self.train = train
+        self.weighting = weighting
+        self.server_lr = server_lr
+        self.stateful_clients = optim.persistent_state
+
+    def client_update(self, ctx: ClientContext, global_weights: np.ndarray) -> tuple[ClientUpdate, Any]:
+        optimizer = make_optimizer(ctx.model.parameters(), self.optim)
+        if self.stateful_clients and ctx.state is not None:
+            optimizer.load_state_dict(ctx.state)
+        result = train_local(ctx.model, optimizer, ctx.x, ctx.y, ctx.indices, self.train, ctx.generator)
+        delta = get_flat(ctx.model) - global_weights
+        weight = float(len(ctx.indices)) if self.weighting == "samples" else 1.0
+        metrics = {
+            "samples": len(ctx.indices),
+            "train_loss": result.loss,
+            "train_acc": result.accuracy,
+            "steps": result.steps,
+        }
+        state = optimizer.state_dict() if self.stateful_clients else None
+        return ClientUpdate(ctx.client, delta, weight, metrics), state
+
+    def server_update(self, global_weights: np.ndarray, aggregate: Aggregate) -> np.ndarray:
+        step = self.server_lr * aggregate.mean()
+        return (global_weights.astype(np.float64) + step).astype(np.float32)

@@ -1,0 +1,123 @@
+"""A federated experiment from a config: build the objects, run the rounds, track, save the model."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from raypfl import seeding
+from raypfl.algorithms import build_algorithm
+from raypfl.config import clients_spec, runtime_spec, train_spec
+from raypfl.data.datasets import Dataset, load_dataset
+from raypfl.data.partitions import build_partition
+from raypfl.models import build_model
+from raypfl.runtime import build_runtime
+from raypfl.runtime.setup import FederationSetup
+from raypfl.selection import CohortSampler
+from raypfl.tracking import RunTracker
+from raypfl.weights import get_flat, set_flat
+
+log = logging.getLogger("raypfl")
+
+
+@dataclass
+class RunResult:
+    """The final global weights and the per-round metrics rows."""
+
+    weights: np.ndarray
+    rounds: list[dict]
+    out_dir: Path
+
+    @property
+    def final_accuracy(self) -> float:
+        return float(next(r["test_acc"] for r in reversed(self.rounds) if r["test_acc"] != ""))
+
+
+def initial_weights(model_name: str, dataset: Dataset, seed: int) -> np.ndarray:
+    """The round-0 global model, initialised from the root seed."""
+    torch.manual_seed(seeding.derive_seed(seed, seeding.INIT))
+    return get_flat(build_model(model_name, dataset.in_shape, dataset.num_classes))
+
+
+def load_data(cfg: DictConfig) -> Dataset:
+    d = cfg.dataset
+    return load_dataset(d.name, d.root, d.download, d.get("train_limit"), d.get("test_limit"))
+
+
+def build_setup(cfg: DictConfig, dataset: Dataset) -> FederationSetup:
+    """Everything the workers need, built (and checked) before any runtime starts."""
+    clients = clients_spec(cfg)
+    partition = build_partition(cfg.partition.name, cfg.partition, dataset.train_y, clients.num, cfg.seed)
+    return FederationSetup(
+        dataset=dataset,
+        partition=partition,
+        model_name=cfg.model.name,
+        algorithm=build_algorithm(cfg),
+        seed=cfg.seed,
+        torch_threads=runtime_spec(cfg).torch_threads,
+    )
+
+
+def run_experiment(cfg: DictConfig, out_dir: Path) -> RunResult:
+    """Run `train.rounds` rounds of the configured algorithm on the configured runtime."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    train = train_spec(cfg)
+    dataset = load_data(cfg)
+    setup = build_setup(cfg, dataset)
+    sampler = CohortSampler(clients_spec(cfg), cfg.seed)
+    runtime = build_runtime(runtime_spec(cfg))
+    tracker = RunTracker(out_dir, train.rounds)
+    torch.set_num_threads(setup.torch_threads)
+    log.info(
+        "%s on %s: %d clients (%s), %d per round, model %s, runtime %s",
+        cfg.algorithm.name, dataset.name, setup.partition.num_clients, cfg.partition.name,
+        cfg.clients.per_round, cfg.model.name, cfg.runtime.name,
+    )
+    try:
+        runtime.start(setup, initial_weights(cfg.model.name, dataset, cfg.seed))
+        for round_idx in range(1, train.rounds + 1):
+            start = time.perf_counter()
+            result = runtime.run_round(round_idx, sampler.cohort(round_idx))
+            trained = time.perf_counter()
+            evaluation = None
+            if round_idx % train.eval_every == 0 or round_idx == train.rounds:
+                evaluation = runtime.evaluate()
+            done = time.perf_counter()
+            losses = [m["train_loss"] for m in result.client_metrics if m["accepted"]]
+            tracker.log_round(
+                {
+                    "round": round_idx,
+                    "test_acc": "" if evaluation is None else round(evaluation.accuracy, 6),
+                    "test_loss": "" if evaluation is None else round(evaluation.loss, 6),
+                    "train_loss": round(float(np.mean(losses)), 6) if losses else float("nan"),
+                    "clients": len(result.aggregated),
+                    "rejected": len(result.rejected),
+                    "round_s": round(done - start, 4),
+                    "train_s": round(trained - start, 4),
+                    "eval_s": round(done - trained, 4),
+                },
+                result.client_metrics,
+            )
+        weights = runtime.global_weights()
+    finally:
+        runtime.close()
+    save_model(out_dir / "model.pt", cfg.model.name, dataset, weights)
+    tracker.finish()
+    log.info("done: final test accuracy %.2f%% after %d rounds, %.1f s; outputs in %s",
+             100 * tracker.rows[-1]["test_acc"], train.rounds, tracker.wall_s(), out_dir)
+    return RunResult(weights, tracker.rows, out_dir)
+
+
+def save_model(path: Path, model_name: str, dataset: Dataset, weights: np.ndarray) -> None:
+    """Save the global model as a state_dict (load with `build_model(name)` + `load_state_dict`)."""
+    model = build_model(model_name, dataset.in_shape, dataset.num_classes)
+    set_flat(model, weights)
+    torch.save(model.state_dict(), path)

@@ -1,0 +1,91 @@
+"""A parameter server with versioned global weights; the server half of the algorithm runs here.
+
+`expect(v, n)` opens round v for n pushes; `push(v, update)` adds a partial aggregate; when the n-th
+arrives, the server update is applied and version v+1 is published. Only the last `keep_versions`
+versions are kept. Used in-process by the sequential runtime and as a Ray actor by the Ray runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+
+import numpy as np
+
+from raypfl.aggregate import Aggregate
+
+log = logging.getLogger(__name__)
+
+ServerUpdate = Callable[[np.ndarray, Aggregate], np.ndarray]
+
+
+class VersionEvicted(KeyError):
+    """The requested version is older than the versions kept."""
+
+
+class ParameterServer:
+    """Versioned global weights with push/pull and a bounded history."""
+
+    def __init__(self, weights: np.ndarray, server_update: ServerUpdate, keep_versions: int = 2):
+        if keep_versions < 1:
+            raise ValueError("keep_versions must be >= 1")
+        self.server_update = server_update
+        self.keep_versions = keep_versions
+        self.versions: OrderedDict[int, np.ndarray] = OrderedDict({0: np.asarray(weights, np.float32)})
+        self.latest = 0
+        self.rounds: dict[int, tuple[int, Aggregate]] = {}  # version -> (pushes expected, aggregate so far)
+        self.last_aggregate: Aggregate | None = None
+        self.stale_pushes = 0
+
+    def expect(self, version: int, num_pushes: int) -> None:
+        """Open the round that builds on `version`: it closes after `num_pushes` pushes."""
+        if version != self.latest:
+            raise ValueError(f"cannot open a round on version {version}: latest is {self.latest}")
+        self.rounds[version] = (num_pushes, Aggregate())
+
+    def push(self, version: int, update: Aggregate) -> bool:
+        """Add an update computed from `version`; returns True if it completed the round."""
+        if version not in self.rounds:
+            self.stale_pushes += 1
+            log.warning("discarded a push for version %d (latest is %d)", version, self.latest)
+            return False
+        expected, aggregate = self.rounds[version]
+        aggregate.merge(update)
+        if expected > 1:
+            self.rounds[version] = (expected - 1, aggregate)
+            return False
+        del self.rounds[version]
+        current = self.versions[version]
+        if aggregate.weight > 0:
+            self._publish(self.server_update(current, aggregate))
+        else:  # every update was rejected: the global model stays as it was
+            log.warning("round on version %d aggregated no update; global model unchanged", version)
+            self._publish(current)
+        self.last_aggregate = aggregate
+        return True
+
+    def _publish(self, weights: np.ndarray) -> None:
+        self.latest += 1
+        self.versions[self.latest] = weights
+        while len(self.versions) > self.keep_versions:
+            self.versions.popitem(last=False)
+
+    def pull(self, version: int) -> np.ndarray | None:
+        """The weights of `version`; None if it does not exist yet; VersionEvicted if no longer kept."""
+        if version > self.latest:
+            return None
+        if version not in self.versions:
+            raise VersionEvicted(f"version {version} was evicted (the server keeps the last {self.keep_versions})")
+        return self.versions[version]
+
+    def pull_latest(self) -> tuple[int, np.ndarray]:
+        """(version number, weights) of the newest version."""
+        return self.latest, self.versions[self.latest]
+
+    def round_summary(self) -> dict[str, object]:
+        """Who was aggregated and who was rejected in the last completed round."""
+        agg = self.last_aggregate
+        if agg is None:
+            return {"clients": [], "rejected": [], "weight": 0.0}
+        return {"clients": list(agg.clients), "rejected": list(agg.rejected), "weight": agg.weight}

@@ -1,0 +1,24 @@
+"""One root seed drives everything: every other seed is derived from it and a purpose tag."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Purpose tags: a derived seed depends on (root, tag, *keys) and on nothing else,
+# so a client's randomness does not depend on which process trains it.
+INIT = 0
+SELECTION = 1
+CLIENT = 2
+PARTITION = 3
+DATA = 4
+
+
+def derive_seed(root: int, tag: int, *keys: int) -> int:
+    """A 63-bit seed for (root, tag, *keys), stable across processes and platforms."""
+    words = np.random.SeedSequence([int(root), int(tag), *map(int, keys)]).generate_state(2, np.uint32)
+    return int((int(words[0]) << 31) ^ int(words[1])) & ((1 << 63) - 1)
+
+
+def rng(root: int, tag: int, *keys: int) -> np.random.Generator:
+    """A numpy generator seeded from (root, tag, *keys)."""
+    return np.random.default_rng(derive_seed(root, tag, *keys))

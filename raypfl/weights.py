@@ -1,0 +1,35 @@
+"""A model's weights as one flat float32 vector: what clients, servers and runtimes exchange."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def _tensors(model: nn.Module) -> list[torch.Tensor]:
+    """Parameters and floating-point buffers, in state_dict order."""
+    return [t for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()]
+
+
+def num_weights(model: nn.Module) -> int:
+    return sum(t.numel() for t in _tensors(model))
+
+
+def get_flat(model: nn.Module) -> np.ndarray:
+    """Copy the model's weights into a new flat float32 numpy vector."""
+    with torch.no_grad():
+        return torch.cat([t.detach().reshape(-1) for t in _tensors(model)]).numpy().astype(np.float32, copy=False)
+
+
+def set_flat(model: nn.Module, flat: np.ndarray | torch.Tensor) -> None:
+    """Load a flat vector (as produced by `get_flat`) into the model in place."""
+    vec = torch.as_tensor(np.asarray(flat, dtype=np.float32))
+    offset = 0
+    with torch.no_grad():
+        for t in _tensors(model):
+            n = t.numel()
+            t.copy_(vec[offset : offset + n].view_as(t))
+            offset += n
+    if offset != vec.numel():
+        raise ValueError(f"weight vector has {vec.numel()} values, model needs {offset}")
