@@ -95,7 +95,10 @@ def _require(ok: bool, message: str) -> None:
 
 
 def _positive_int(value: Any, key: str) -> None:
-    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, f"{key}={value} must be an integer > 0")
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        f"{key}={value} must be an integer > 0",
+    )
 
 
 def validate(cfg: DictConfig) -> None:
@@ -104,8 +107,13 @@ def validate(cfg: DictConfig) -> None:
     from raypfl.data.partitions import PARTITIONERS
     from raypfl.models import MODELS
 
-    _require(cfg.get("mode", "federated") in MODES, f"mode={cfg.get('mode')} must be one of {', '.join(MODES)}")
-    _require(cfg.dataset.name in DATASETS, f"unknown dataset={cfg.dataset.name} (choose from: {', '.join(DATASETS)})")
+    _require(
+        cfg.get("mode", "federated") in MODES, f"mode={cfg.get('mode')} must be one of {', '.join(MODES)}"
+    )
+    _require(
+        cfg.dataset.name in DATASETS,
+        f"unknown dataset={cfg.dataset.name} (choose from: {', '.join(DATASETS)})",
+    )
     _require(cfg.model.name in MODELS, f"unknown model={cfg.model.name} (choose from: {', '.join(MODELS)})")
     _require(
         cfg.partition.name in PARTITIONERS,
@@ -121,7 +129,9 @@ def validate(cfg: DictConfig) -> None:
         clients.per_round <= clients.num,
         f"clients.per_round={clients.per_round} > clients.num={clients.num}",
     )
-    _require(clients.selection in SELECTIONS, f"clients.selection={clients.selection} must be one of {SELECTIONS}")
+    _require(
+        clients.selection in SELECTIONS, f"clients.selection={clients.selection} must be one of {SELECTIONS}"
+    )
 
     optim = optim_spec(cfg)
     _require(optim.name in OPTIMIZERS, f"optim.name={optim.name} must be one of {', '.join(OPTIMIZERS)}")
@@ -139,7 +149,9 @@ def validate(cfg: DictConfig) -> None:
         _positive_int(train.local_steps, "train.local_steps")
 
     algo = cfg.algorithm
-    _require(algo.weighting in WEIGHTINGS, f"algorithm.weighting={algo.weighting} must be one of {WEIGHTINGS}")
+    _require(
+        algo.weighting in WEIGHTINGS, f"algorithm.weighting={algo.weighting} must be one of {WEIGHTINGS}"
+    )
     _require(algo.server_lr > 0, f"algorithm.server_lr={algo.server_lr} must be > 0")
 
     runtime = runtime_spec(cfg)

@@ -6,7 +6,7 @@ class RaypflError(Exception):
 
 
 class ConfigError(RaypflError):
-    """A config value is invalid; the message names the key, e.g. `clients.per_round=120 > clients.num=100`."""
+    """A config value is invalid; the message names the key: `clients.per_round=120 > clients.num=100`."""
 
 
 class DataError(RaypflError):

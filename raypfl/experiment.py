@@ -78,8 +78,13 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> RunResult:
     torch.set_num_threads(setup.torch_threads)
     log.info(
         "%s on %s: %d clients (%s), %d per round, model %s, runtime %s",
-        cfg.algorithm.name, dataset.name, setup.partition.num_clients, cfg.partition.name,
-        cfg.clients.per_round, cfg.model.name, cfg.runtime.name,
+        cfg.algorithm.name,
+        dataset.name,
+        setup.partition.num_clients,
+        cfg.partition.name,
+        cfg.clients.per_round,
+        cfg.model.name,
+        cfg.runtime.name,
     )
     try:
         runtime.start(setup, initial_weights(cfg.model.name, dataset, cfg.seed))
@@ -111,8 +116,13 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> RunResult:
         runtime.close()
     save_model(out_dir / "model.pt", cfg.model.name, dataset, weights)
     tracker.finish()
-    log.info("done: final test accuracy %.2f%% after %d rounds, %.1f s; outputs in %s",
-             100 * tracker.rows[-1]["test_acc"], train.rounds, tracker.wall_s(), out_dir)
+    log.info(
+        "done: final test accuracy %.2f%% after %d rounds, %.1f s; outputs in %s",
+        100 * tracker.rows[-1]["test_acc"],
+        train.rounds,
+        tracker.wall_s(),
+        out_dir,
+    )
     return RunResult(weights, tracker.rows, out_dir)
 
 

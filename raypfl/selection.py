@@ -15,5 +15,7 @@ class CohortSampler:
 
     def cohort(self, round_idx: int) -> list[int]:
         key = 0 if self.spec.selection == "fixed" else round_idx
-        chosen = seeding.rng(self.seed, seeding.SELECTION, key).choice(self.spec.num, self.spec.per_round, replace=False)
+        chosen = seeding.rng(self.seed, seeding.SELECTION, key).choice(
+            self.spec.num, self.spec.per_round, replace=False
+        )
         return sorted(int(c) for c in chosen)

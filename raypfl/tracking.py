@@ -10,8 +10,16 @@ from pathlib import Path
 log = logging.getLogger("raypfl")
 
 METRIC_COLUMNS = [
-    "round", "test_acc", "test_loss", "train_loss", "clients", "rejected",
-    "round_s", "train_s", "eval_s", "wall_s",
+    "round",
+    "test_acc",
+    "test_loss",
+    "train_loss",
+    "clients",
+    "rejected",
+    "round_s",
+    "train_s",
+    "eval_s",
+    "wall_s",
 ]
 CLIENT_COLUMNS = ["round", "client", "samples", "train_loss", "train_acc", "steps", "accepted", "seconds"]
 
@@ -68,8 +76,15 @@ class RunTracker:
         loss = "  n/a " if row["test_loss"] == "" else f"{row['test_loss']:.4f}"
         log.info(
             "round %*d/%d | test acc %s | test loss %s | train loss %.4f | %d clients | %.2f s | wall %.1f s",
-            len(str(self.total_rounds)), row["round"], self.total_rounds, acc, loss, row["train_loss"],
-            row["clients"], row["round_s"], row["wall_s"],
+            len(str(self.total_rounds)),
+            row["round"],
+            self.total_rounds,
+            acc,
+            loss,
+            row["train_loss"],
+            row["clients"],
+            row["round_s"],
+            row["wall_s"],
         )
 
     def finish(self) -> Path | None:
@@ -87,7 +102,9 @@ class RunTracker:
         ax_acc.plot(rounds, [100 * r["test_acc"] for r in rows], marker="o", ms=3)
         ax_acc.set(xlabel="round", ylabel="test accuracy (%)", title="Global model accuracy")
         ax_loss.plot(rounds, [r["test_loss"] for r in rows], marker="o", ms=3, label="test")
-        ax_loss.plot([r["round"] for r in self.rows], [r["train_loss"] for r in self.rows], label="train (clients)")
+        ax_loss.plot(
+            [r["round"] for r in self.rows], [r["train_loss"] for r in self.rows], label="train (clients)"
+        )
         ax_loss.set(xlabel="round", ylabel="cross-entropy", title="Loss")
         ax_loss.legend()
         for ax in (ax_acc, ax_loss):

@@ -80,7 +80,9 @@ def train_local(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> tuple[float, int, int]:
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000
+) -> tuple[float, int, int]:
     """(summed cross-entropy, number correct, number of samples) in eval mode (dropout off)."""
     model.eval()
     loss_sum, correct = 0.0, 0

@@ -19,7 +19,11 @@ def num_weights(model: nn.Module) -> int:
 def get_flat(model: nn.Module) -> np.ndarray:
     """Copy the model's weights into a new flat float32 numpy vector."""
     with torch.no_grad():
-        return torch.cat([t.detach().reshape(-1) for t in _tensors(model)]).numpy().astype(np.float32, copy=False)
+        return (
+            torch.cat([t.detach().reshape(-1) for t in _tensors(model)])
+            .numpy()
+            .astype(np.float32, copy=False)
+        )
 
 
 def set_flat(model: nn.Module, flat: np.ndarray | torch.Tensor) -> None:

@@ -20,7 +20,9 @@ class FedAvg:
     With `optim.persistent_state=true` a client's optimizer state (e.g. momentum) survives across rounds.
     """
 
-    def __init__(self, optim: OptimSpec, train: TrainSpec, weighting: str = "samples", server_lr: float = 1.0):
+    def __init__(
+        self, optim: OptimSpec, train: TrainSpec, weighting: str = "samples", server_lr: float = 1.0
+    ):
         self.optim = optim
         self.train = train
         self.weighting = weighting

@@ -76,7 +76,9 @@ class ParameterServer:
         if version > self.latest:
             return None
         if version not in self.versions:
-            raise VersionEvicted(f"version {version} was evicted (the server keeps the last {self.keep_versions})")
+            raise VersionEvicted(
+                f"version {version} was evicted (the server keeps the last {self.keep_versions})"
+            )
         return self.versions[version]
 
     def pull_latest(self) -> tuple[int, np.ndarray]:

@@ -34,7 +34,9 @@ def start_ray(spec: RuntimeSpec) -> bool:
         ray.init(address=spec.address, **kwargs)
     else:
         store = spec.object_store_mb * 1024 * 1024 if spec.object_store_mb else None
-        ray.init(address="local", num_cpus=spec.num_cpus or os.cpu_count(), object_store_memory=store, **kwargs)
+        ray.init(
+            address="local", num_cpus=spec.num_cpus or os.cpu_count(), object_store_memory=store, **kwargs
+        )
     return True
 
 
@@ -64,7 +66,9 @@ class RayRuntime:
         self.started_ray = start_ray(self.spec)
         num_actors = pool_size(self.spec)
         setup_ref = ray.put(setup)  # dataset arrays go into the object store once; actors read them zero-copy
-        actor_cls = ray.remote(ClientWorker).options(num_cpus=self.spec.cpus_per_actor, num_gpus=self.spec.gpus_per_actor)
+        actor_cls = ray.remote(ClientWorker).options(
+            num_cpus=self.spec.cpus_per_actor, num_gpus=self.spec.gpus_per_actor
+        )
         self.actors = [actor_cls.remote(setup_ref) for _ in range(num_actors)]
         server_cls = ray.remote(ParameterServer).options(num_cpus=0)
         self.server = server_cls.remote(initial_weights, setup.algorithm.server_update, self.keep_versions)
@@ -72,8 +76,11 @@ class RayRuntime:
         self.sticky = setup.algorithm.stateful_clients
         self.test_ranges = split_range(len(setup.dataset.test_y), num_actors)
         self.version = 0
-        log.info("ray runtime: %d client actors (%.2g CPU each), parameter server actor", num_actors,
-                 self.spec.cpus_per_actor)
+        log.info(
+            "ray runtime: %d client actors (%.2g CPU each), parameter server actor",
+            num_actors,
+            self.spec.cpus_per_actor,
+        )
 
     def run_round(self, round_idx: int, cohort: list[int]) -> RoundResult:
         version = self.version
@@ -83,7 +90,9 @@ class RayRuntime:
         self.server.expect.remote(version, len(busy))
         metric_refs, push_refs = [], []
         for actor, group in busy:
-            partial_ref, metrics_ref = actor.train_cohort.options(num_returns=2).remote(weights_ref, round_idx, group)
+            partial_ref, metrics_ref = actor.train_cohort.options(num_returns=2).remote(
+                weights_ref, round_idx, group
+            )
             push_refs.append(self.server.push.remote(version, partial_ref))
             metric_refs.append(metrics_ref)
         metrics = [m for part in ray.get(metric_refs) for m in part]
@@ -95,7 +104,9 @@ class RayRuntime:
 
     def evaluate(self) -> Evaluation:
         weights_ref = self.server.pull.remote(self.version)
-        parts = [actor.evaluate.remote(weights_ref, a, b) for actor, (a, b) in zip(self.actors, self.test_ranges)]
+        parts = [
+            actor.evaluate.remote(weights_ref, a, b) for actor, (a, b) in zip(self.actors, self.test_ranges)
+        ]
         return combine_evaluations(ray.get(parts))
 
     def global_weights(self) -> np.ndarray:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def assign_cohort(cohort: Sequence[int], sizes: Sequence[int], num_workers: int, sticky: bool) -> list[list[int]]:
+def assign_cohort(
+    cohort: Sequence[int], sizes: Sequence[int], num_workers: int, sticky: bool
+) -> list[list[int]]:
     """Split a cohort over workers.
 
     sticky: client c always goes to worker c % num_workers (its state lives there).

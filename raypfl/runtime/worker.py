@@ -74,8 +74,13 @@ class ClientWorker:
                 self.client_states[client] = state
             accepted = partial.add(update)
             metrics.append(
-                {"round": round_idx, "client": client, **update.metrics, "accepted": accepted,
-                 "seconds": time.perf_counter() - start}
+                {
+                    "round": round_idx,
+                    "client": client,
+                    **update.metrics,
+                    "accepted": accepted,
+                    "seconds": time.perf_counter() - start,
+                }
             )
         return partial, metrics
 

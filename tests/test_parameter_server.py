@@ -1,0 +1,71 @@
+"""The parameter server: versioned push/pull, bounded history, the server update applied once per round."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raypfl.aggregate import Aggregate, ClientUpdate
+from raypfl.runtime.parameter_server import ParameterServer, VersionEvicted
+
+
+def mean_update(weights: np.ndarray, aggregate: Aggregate) -> np.ndarray:
+    return (weights + aggregate.mean()).astype(np.float32)
+
+
+def partial(*updates: tuple[int, float, float]) -> Aggregate:
+    agg = Aggregate()
+    for client, value, weight in updates:
+        agg.add(ClientUpdate(client, np.full(3, value, np.float32), weight))
+    return agg
+
+
+def test_round_closes_after_expected_pushes_with_weighted_mean():
+    ps = ParameterServer(np.zeros(3, np.float32), mean_update, keep_versions=3)
+    ps.expect(0, 2)
+    assert ps.push(0, partial((0, 1.0, 1.0), (1, 2.0, 1.0))) is False
+    assert ps.pull(1) is None  # not published yet
+    assert ps.push(0, partial((2, 4.0, 2.0))) is True
+    version, weights = ps.pull_latest()
+    assert version == 1
+    np.testing.assert_allclose(weights, (1 + 2 + 2 * 4) / 4)
+    assert ps.round_summary()["clients"] == [0, 1, 2]
+
+
+def test_versions_are_bounded_and_evicted_versions_say_so():
+    ps = ParameterServer(np.zeros(3, np.float32), mean_update, keep_versions=2)
+    for v in range(3):
+        ps.expect(v, 1)
+        ps.push(v, partial((0, 1.0, 1.0)))
+    assert ps.latest == 3 and list(ps.versions) == [2, 3]
+    np.testing.assert_allclose(ps.pull(2), 2.0)
+    with pytest.raises(VersionEvicted, match="version 1 was evicted"):
+        ps.pull(1)
+    assert ps.pull(4) is None
+
+
+def test_stale_push_is_discarded_and_counted():
+    ps = ParameterServer(np.zeros(3, np.float32), mean_update)
+    ps.expect(0, 1)
+    ps.push(0, partial((0, 1.0, 1.0)))
+    assert ps.push(0, partial((1, 5.0, 1.0))) is False
+    assert ps.stale_pushes == 1
+    np.testing.assert_allclose(ps.pull_latest()[1], 1.0)
+
+
+def test_round_of_only_rejected_updates_keeps_the_model():
+    ps = ParameterServer(np.ones(3, np.float32), mean_update)
+    ps.expect(0, 1)
+    ps.push(0, partial((0, float("nan"), 1.0)))
+    version, weights = ps.pull_latest()
+    assert version == 1
+    np.testing.assert_array_equal(weights, np.ones(3))
+    assert ps.round_summary()["rejected"] == [0]
+
+
+def test_cannot_open_a_round_on_an_old_version():
+    ps = ParameterServer(np.zeros(3, np.float32), mean_update)
+    ps.expect(0, 1)
+    ps.push(0, partial((0, 1.0, 1.0)))
+    with pytest.raises(ValueError, match="latest is 1"):
+        ps.expect(0, 1)

@@ -1,0 +1,68 @@
+"""Sequential and Ray runtimes give the same global model for the same seed; actors keep client state."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raypfl.config import RuntimeSpec
+from raypfl.experiment import build_setup, initial_weights, load_data, run_experiment
+from raypfl.runtime.ray_runtime import RayRuntime
+from tests.conftest import TINY, make_config
+
+DIRICHLET = [*TINY, "partition=dirichlet", "partition.alpha=0.3", "model=tiny_cnn", "clients.per_round=5"]
+
+
+@pytest.fixture(scope="module")
+def sequential_run(tmp_path_factory, data_root):
+    cfg = make_config(*DIRICHLET, "runtime=sequential")
+    return run_experiment(cfg, tmp_path_factory.mktemp("seq"))
+
+
+def test_dirichlet_clients_have_unequal_sizes(data_root):
+    cfg = make_config(*DIRICHLET)
+    setup = build_setup(cfg, load_data(cfg))
+    sizes = [setup.partition.size(c) for c in range(setup.partition.num_clients)]
+    assert max(sizes) > 1.5 * min(sizes)
+
+
+def test_ray_and_sequential_give_the_same_model(sequential_run, ray_session, tmp_path):
+    ray_run = run_experiment(make_config(*DIRICHLET, "runtime=ray", "runtime.num_actors=2"), tmp_path)
+    diff = np.abs(ray_run.weights - sequential_run.weights).max()
+    assert diff <= 1e-5, f"max abs difference {diff}"
+    assert [r["test_acc"] for r in ray_run.rounds] == pytest.approx(
+        [r["test_acc"] for r in sequential_run.rounds]
+    )
+    assert sequential_run.rounds[-1]["test_acc"] > sequential_run.rounds[0]["test_acc"]  # it learns
+
+
+def test_ray_runtime_with_three_actors_matches_too(sequential_run, ray_session, tmp_path):
+    """The result does not depend on how clients are spread over actors."""
+    ray_run = run_experiment(
+        make_config(*DIRICHLET, "runtime=ray", "runtime.num_actors=3", "runtime.cpus_per_actor=0.5"), tmp_path
+    )
+    assert np.abs(ray_run.weights - sequential_run.weights).max() <= 1e-5
+
+
+def test_different_seed_gives_a_different_model(sequential_run, tmp_path):
+    other = run_experiment(make_config(*DIRICHLET, "runtime=sequential", "seed=1"), tmp_path)
+    assert np.abs(other.weights - sequential_run.weights).max() > 1e-3
+
+
+def test_actors_return_one_partial_and_keep_client_state(ray_session, data_root):
+    cfg = make_config(*TINY, "optim.persistent_state=true", "optim.momentum=0.9")
+    setup = build_setup(cfg, load_data(cfg))
+    runtime = RayRuntime(RuntimeSpec(num_actors=2))
+    runtime.start(setup, initial_weights(cfg.model.name, setup.dataset, cfg.seed))
+    try:
+        weights_ref = runtime.server.pull.remote(0)
+        partial, metrics = ray_session.get(
+            runtime.actors[0].train_cohort.options(num_returns=2).remote(weights_ref, 1, [0, 2, 4])
+        )
+        assert partial.clients == [0, 2, 4] and len(metrics) == 3  # one object for three clients
+        assert partial.weight == sum(setup.partition.size(c) for c in (0, 2, 4))
+        runtime.run_round(2, [0, 1, 2, 3])  # stateful: clients stay on their home actor (c % 2)
+        counts = ray_session.get([a.num_clients_with_state.remote() for a in runtime.actors])
+        assert counts == [3, 2]  # actor 0 holds clients 0, 2, 4; actor 1 holds clients 1, 3
+    finally:
+        runtime.close()
