@@ -76,6 +76,7 @@ class RayRuntime:
         self.sticky = setup.algorithm.stateful_clients
         self.test_ranges = split_range(len(setup.dataset.test_y), num_actors)
         self.version = 0
+        ray.get([actor.ready.remote() for actor in self.actors])  # start-up is not billed to round 1
         log.info(
             "ray runtime: %d client actors (%.2g CPU each), parameter server actor",
             num_actors,

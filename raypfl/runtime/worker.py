@@ -89,5 +89,9 @@ class ClientWorker:
         set_flat(self.model, weights)
         return evaluate(self.model, self.test_x[start:stop], self.test_y[start:stop])
 
+    def ready(self) -> bool:
+        """Answers once the worker is built (data mapped, model made)."""
+        return True
+
     def num_clients_with_state(self) -> int:
         return len(self.client_states)
