@@ -4,32 +4,54 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from raypfl.cli import EXIT_BAD_INPUT, check_group_overrides
 from raypfl.config import validate
 from raypfl.errors import RaypflError
+from raypfl.report import write_result
 
 log = logging.getLogger("raypfl")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
-    """One job: validate (before Ray starts), run, return the final test accuracy (for sweepers)."""
+def main(cfg: DictConfig) -> float:
+    """One job: validate (before Ray starts), run, return the final test accuracy (for sweepers).
+
+    A single run exits with code 2 on bad input. In a sweep (-m) a failed job is recorded in its
+    result.json and logged, and the sweep goes on; the sweep report lists it.
+    """
     from raypfl.experiment import run_experiment
 
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    started = time.time()
+    hydra_cfg = HydraConfig.get()
+    out_dir = Path(hydra_cfg.runtime.output_dir)
+    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    group = Path(hydra_cfg.sweep.dir).name if sweeping else None
+    name = f"job{hydra_cfg.job.num}" if sweeping else None
     try:
         validate(cfg)
-        result = run_experiment(cfg, out_dir)
-    except RaypflError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        log.error("error: %s", exc)
-        sys.exit(EXIT_BAD_INPUT)
+        result = run_experiment(cfg, out_dir, group=group, name=name)
+    except Exception as exc:
+        bad_input = isinstance(exc, RaypflError)
+        write_result(
+            out_dir, started, "failed", f"{type(exc).__name__}: {exc}" if not bad_input else str(exc)
+        )
+        if not sweeping and bad_input:
+            print(f"error: {exc}", file=sys.stderr)
+            log.error("error: %s", exc)
+            sys.exit(EXIT_BAD_INPUT)
+        if not sweeping:
+            raise
+        log.error("job %s failed: %s", hydra_cfg.job.num, exc, exc_info=not bad_input)
+        return float("nan")
+    write_result(out_dir, started, "ok", final_acc=result.final_accuracy)
     return result.final_accuracy
 
 

@@ -15,7 +15,7 @@ from raypfl.errors import ConfigError
 OPTIMIZERS = ("sgd", "adam")
 SELECTIONS = ("random", "fixed")
 WEIGHTINGS = ("samples", "uniform")
-MODES = ("federated", "centralized")
+LOGGERS = ("none", "wandb")
 
 
 @dataclass(frozen=True)
@@ -107,9 +107,8 @@ def validate(cfg: DictConfig) -> None:
     from raypfl.data.partitions import PARTITIONERS
     from raypfl.models import MODELS
 
-    _require(
-        cfg.get("mode", "federated") in MODES, f"mode={cfg.get('mode')} must be one of {', '.join(MODES)}"
-    )
+    logger = cfg.get("logger", {}).get("name", "none")
+    _require(logger in LOGGERS, f"logger={logger} must be one of {', '.join(LOGGERS)}")
     _require(
         cfg.dataset.name in DATASETS,
         f"unknown dataset={cfg.dataset.name} (choose from: {', '.join(DATASETS)})",

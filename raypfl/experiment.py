@@ -64,8 +64,13 @@ def build_setup(cfg: DictConfig, dataset: Dataset) -> FederationSetup:
     )
 
 
-def run_experiment(cfg: DictConfig, out_dir: Path) -> RunResult:
-    """Run `train.rounds` rounds of the configured algorithm on the configured runtime."""
+def run_experiment(
+    cfg: DictConfig, out_dir: Path, group: str | None = None, name: str | None = None
+) -> RunResult:
+    """Run `train.rounds` rounds of the configured algorithm on the configured runtime.
+
+    `group` and `name` label the run for trackers (a sweep's runs share a group).
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -74,7 +79,7 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> RunResult:
     setup = build_setup(cfg, dataset)
     sampler = CohortSampler(clients_spec(cfg), cfg.seed)
     runtime = build_runtime(runtime_spec(cfg))
-    tracker = RunTracker(out_dir, train.rounds)
+    tracker = RunTracker(out_dir, train.rounds, build_sinks(cfg, out_dir, group, name))
     torch.set_num_threads(setup.torch_threads)
     log.info(
         "%s on %s: %d clients (%s), %d per round, model %s, runtime %s",
@@ -86,17 +91,21 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> RunResult:
         cfg.model.name,
         cfg.runtime.name,
     )
+    weights = initial_weights(cfg.model.name, dataset, cfg.seed)
+    model_bytes = weights.nbytes
     try:
-        runtime.start(setup, initial_weights(cfg.model.name, dataset, cfg.seed))
+        runtime.start(setup, weights)
         for round_idx in range(1, train.rounds + 1):
             start = time.perf_counter()
-            result = runtime.run_round(round_idx, sampler.cohort(round_idx))
+            cohort = sampler.cohort(round_idx)
+            result = runtime.run_round(round_idx, cohort)
             trained = time.perf_counter()
             evaluation = None
             if round_idx % train.eval_every == 0 or round_idx == train.rounds:
                 evaluation = runtime.evaluate()
             done = time.perf_counter()
             losses = [m["train_loss"] for m in result.client_metrics if m["accepted"]]
+            train_s = trained - start
             tracker.log_round(
                 {
                     "round": round_idx,
@@ -106,16 +115,23 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> RunResult:
                     "clients": len(result.aggregated),
                     "rejected": len(result.rejected),
                     "round_s": round(done - start, 4),
-                    "train_s": round(trained - start, 4),
+                    "train_s": round(train_s, 4),
+                    "compute_s": round(result.compute_s, 4),
+                    "comm_s": round(max(0.0, train_s - result.compute_s - result.aggregate_s), 4),
+                    "aggregate_s": round(result.aggregate_s, 4),
                     "eval_s": round(done - trained, 4),
+                    # what FedAvg moves: the global model to each client, one update back from each
+                    "bytes_down": model_bytes * len(cohort),
+                    "bytes_up": model_bytes * len(result.client_metrics),
                 },
                 result.client_metrics,
             )
         weights = runtime.global_weights()
     finally:
         runtime.close()
-    save_model(out_dir / "model.pt", cfg.model.name, dataset, weights)
-    tracker.finish()
+    model_path = out_dir / "model.pt"
+    save_model(model_path, cfg.model.name, dataset, weights)
+    tracker.finish(model_path)
     log.info(
         "done: final test accuracy %.2f%% after %d rounds, %.1f s; outputs in %s",
         100 * tracker.rows[-1]["test_acc"],
@@ -124,6 +140,20 @@ def run_experiment(cfg: DictConfig, out_dir: Path) -> RunResult:
         out_dir,
     )
     return RunResult(weights, tracker.rows, out_dir)
+
+
+def build_sinks(cfg: DictConfig, out_dir: Path, group: str | None, name: str | None) -> list:
+    """Trackers besides the always-on CSV files, from `logger.*`."""
+    logger = cfg.get("logger") or {"name": "none"}
+    if logger["name"] == "none":
+        return []
+    if logger["name"] == "wandb":
+        from raypfl.wandb_sink import WandbSink
+
+        config = OmegaConf.to_container(cfg, resolve=True)
+        return [WandbSink(config, out_dir, logger["project"], logger.get("entity"), group, name,
+                          logger.get("mode"), list(logger.get("tags") or []))]  # fmt: skip
+    raise ValueError(f"logger={logger['name']} is not supported")
 
 
 def save_model(path: Path, model_name: str, dataset: Dataset, weights: np.ndarray) -> None:

@@ -1,40 +1,40 @@
-"""Local tracking: one progress line per round, metrics.csv, clients.csv and plots in the run folder."""
+"""Tracking: a progress line (or bar) per round, metrics.csv, clients.csv, plots, and optional W&B."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
+import sys
 import time
 from pathlib import Path
+from typing import Protocol
+
+from raypfl import plots
 
 log = logging.getLogger("raypfl")
 
 METRIC_COLUMNS = [
-    "round",
-    "test_acc",
-    "test_loss",
-    "train_loss",
-    "clients",
-    "rejected",
-    "round_s",
-    "train_s",
-    "eval_s",
-    "wall_s",
-]
+    "round", "test_acc", "test_loss", "train_loss", "clients", "rejected",
+    "round_s", "train_s", "compute_s", "comm_s", "aggregate_s", "eval_s", "wall_s",
+    "bytes_down", "bytes_up",
+]  # fmt: skip
 CLIENT_COLUMNS = ["round", "client", "samples", "train_loss", "train_acc", "steps", "accepted", "seconds"]
 
 
 def process_start_time() -> float:
     """When this process started (epoch seconds), so wall_s counts imports and start-up too."""
-    try:
-        import psutil
+    import psutil
 
-        return psutil.Process().create_time()
-    except Exception:  # psutil comes with ray[default]; fall back to import time without it
-        return _IMPORTED_AT
+    return psutil.Process().create_time()
 
 
-_IMPORTED_AT = time.time()
+class Sink(Protocol):
+    """Somewhere else metrics go (W&B); the CSV files are always written."""
+
+    def log_round(self, row: dict, client_rows: list[dict]) -> None: ...
+
+    def finish(self, out_dir: Path, model_path: Path | None) -> None: ...
 
 
 class _CsvLog:
@@ -48,21 +48,49 @@ class _CsvLog:
 
     def write(self, rows: list[dict]) -> None:
         with self.path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, self.columns, extrasaction="ignore")
-            writer.writerows(rows)
+            csv.DictWriter(f, self.columns, extrasaction="ignore").writerows(rows)
+
+
+class _Progress:
+    """A live bar on a terminal; nothing extra (just the log lines) when output is a file or CI log."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        self._redirect = contextlib.nullcontext()
+        if enabled:
+            from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            self.bar = tqdm(total=total, unit="round", file=sys.stderr, leave=False, dynamic_ncols=True)
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+
+    def update(self, description: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(description, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self._redirect.__exit__(None, None, None)
+            self.bar = None
 
 
 class RunTracker:
-    """Writes the run's metrics as it goes and plots them at the end."""
+    """Writes the run's metrics as it goes, draws the plots at the end, and feeds any sinks."""
 
-    def __init__(self, out_dir: Path, total_rounds: int):
+    def __init__(self, out_dir: Path, total_rounds: int, sinks: list[Sink] | None = None):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.total_rounds = total_rounds
+        self.sinks = sinks or []
         self.started = process_start_time()
         self.metrics = _CsvLog(self.out_dir / "metrics.csv", METRIC_COLUMNS)
         self.clients = _CsvLog(self.out_dir / "clients.csv", CLIENT_COLUMNS)
         self.rows: list[dict] = []
+        self.client_rows: list[dict] = []
+        self.progress = _Progress(total_rounds, enabled=sys.stderr.isatty())
 
     def wall_s(self) -> float:
         return time.time() - self.started
@@ -70,47 +98,27 @@ class RunTracker:
     def log_round(self, row: dict, client_rows: list[dict]) -> None:
         row = {**row, "wall_s": round(self.wall_s(), 3)}
         self.rows.append(row)
+        self.client_rows.extend(client_rows)
         self.metrics.write([row])
         self.clients.write(client_rows)
+        for sink in self.sinks:
+            sink.log_round(row, client_rows)
         acc = "  n/a " if row["test_acc"] == "" else f"{100 * row['test_acc']:6.2f}%"
         loss = "  n/a " if row["test_loss"] == "" else f"{row['test_loss']:.4f}"
         log.info(
             "round %*d/%d | test acc %s | test loss %s | train loss %.4f | %d clients | %.2f s | wall %.1f s",
-            len(str(self.total_rounds)),
-            row["round"],
-            self.total_rounds,
-            acc,
-            loss,
-            row["train_loss"],
-            row["clients"],
-            row["round_s"],
-            row["wall_s"],
-        )
+            len(str(self.total_rounds)), row["round"], self.total_rounds, acc, loss, row["train_loss"],
+            row["clients"], row["round_s"], row["wall_s"],
+        )  # fmt: skip
+        self.progress.update(f"acc {acc.strip()}")
 
-    def finish(self) -> Path | None:
-        """Plot test accuracy and loss per round to metrics.png; returns its path."""
-        rows = [r for r in self.rows if r["test_acc"] != ""]
-        if not rows:
-            return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        rounds = [r["round"] for r in rows]
-        fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-        ax_acc.plot(rounds, [100 * r["test_acc"] for r in rows], marker="o", ms=3)
-        ax_acc.set(xlabel="round", ylabel="test accuracy (%)", title="Global model accuracy")
-        ax_loss.plot(rounds, [r["test_loss"] for r in rows], marker="o", ms=3, label="test")
-        ax_loss.plot(
-            [r["round"] for r in self.rows], [r["train_loss"] for r in self.rows], label="train (clients)"
-        )
-        ax_loss.set(xlabel="round", ylabel="cross-entropy", title="Loss")
-        ax_loss.legend()
-        for ax in (ax_acc, ax_loss):
-            ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = self.out_dir / "metrics.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+    def finish(self, model_path: Path | None = None) -> None:
+        """Close the progress bar, draw the plots, close the sinks."""
+        self.progress.close()
+        if self.rows:
+            plots.plot_metrics(self.rows, self.out_dir / "metrics.png")
+            plots.plot_time_breakdown(self.rows, self.out_dir / "time.png")
+        if self.client_rows:
+            plots.plot_client_losses(self.client_rows, self.out_dir / "clients.png")
+        for sink in self.sinks:
+            sink.finish(self.out_dir, model_path)

@@ -18,6 +18,15 @@ class RoundResult:
     client_metrics: list[dict[str, float]]
     aggregated: list[int] = field(default_factory=list)
     rejected: list[int] = field(default_factory=list)
+    compute_s: float = 0.0  # the busiest worker's client-training seconds (the round's critical path)
+    aggregate_s: float = 0.0  # seconds the server spent merging partials and applying the server update
+
+    @classmethod
+    def from_workers(cls, version: int, per_worker: list[list[dict]], summary: dict) -> RoundResult:
+        """Assemble a round from each worker's client metrics and the server's round summary."""
+        metrics = sorted((m for part in per_worker for m in part), key=lambda m: m["client"])
+        compute = max((sum(m["seconds"] for m in part) for part in per_worker), default=0.0)
+        return cls(version, metrics, summary["clients"], summary["rejected"], compute, summary["aggregate_s"])
 
 
 @dataclass

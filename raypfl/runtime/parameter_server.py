@@ -8,6 +8,7 @@ versions are kept. Used in-process by the sequential runtime and as a Ray actor 
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -37,6 +38,8 @@ class ParameterServer:
         self.rounds: dict[int, tuple[int, Aggregate]] = {}  # version -> (pushes expected, aggregate so far)
         self.last_aggregate: Aggregate | None = None
         self.stale_pushes = 0
+        self.aggregate_s = 0.0  # seconds spent merging and updating in the last completed round
+        self._round_aggregate_s = 0.0
 
     def expect(self, version: int, num_pushes: int) -> None:
         """Open the round that builds on `version`: it closes after `num_pushes` pushes."""
@@ -50,10 +53,12 @@ class ParameterServer:
             self.stale_pushes += 1
             log.warning("discarded a push for version %d (latest is %d)", version, self.latest)
             return False
+        start = time.perf_counter()
         expected, aggregate = self.rounds[version]
         aggregate.merge(update)
         if expected > 1:
             self.rounds[version] = (expected - 1, aggregate)
+            self._round_aggregate_s += time.perf_counter() - start
             return False
         del self.rounds[version]
         current = self.versions[version]
@@ -63,6 +68,8 @@ class ParameterServer:
             log.warning("round on version %d aggregated no update; global model unchanged", version)
             self._publish(current)
         self.last_aggregate = aggregate
+        self.aggregate_s = self._round_aggregate_s + time.perf_counter() - start
+        self._round_aggregate_s = 0.0
         return True
 
     def _publish(self, weights: np.ndarray) -> None:
@@ -89,5 +96,10 @@ class ParameterServer:
         """Who was aggregated and who was rejected in the last completed round."""
         agg = self.last_aggregate
         if agg is None:
-            return {"clients": [], "rejected": [], "weight": 0.0}
-        return {"clients": list(agg.clients), "rejected": list(agg.rejected), "weight": agg.weight}
+            return {"clients": [], "rejected": [], "weight": 0.0, "aggregate_s": 0.0}
+        return {
+            "clients": list(agg.clients),
+            "rejected": list(agg.rejected),
+            "weight": agg.weight,
+            "aggregate_s": self.aggregate_s,
+        }

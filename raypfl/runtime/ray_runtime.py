@@ -96,12 +96,10 @@ class RayRuntime:
             )
             push_refs.append(self.server.push.remote(version, partial_ref))
             metric_refs.append(metrics_ref)
-        metrics = [m for part in ray.get(metric_refs) for m in part]
+        per_actor = ray.get(metric_refs)
         ray.get(push_refs)
         self.version = version + 1
-        summary = ray.get(self.server.round_summary.remote())
-        metrics.sort(key=lambda m: m["client"])
-        return RoundResult(self.version, metrics, summary["clients"], summary["rejected"])
+        return RoundResult.from_workers(self.version, per_actor, ray.get(self.server.round_summary.remote()))
 
     def evaluate(self) -> Evaluation:
         weights_ref = self.server.pull.remote(self.version)

@@ -27,8 +27,7 @@ class SequentialRuntime:
         partial, metrics = self.worker.train_cohort(weights, round_idx, sorted(cohort))
         self.server.expect(version, 1)
         self.server.push(version, partial)
-        summary = self.server.round_summary()
-        return RoundResult(self.server.latest, metrics, summary["clients"], summary["rejected"])
+        return RoundResult.from_workers(self.server.latest, [metrics], self.server.round_summary())
 
     def evaluate(self) -> Evaluation:
         _, weights = self.server.pull_latest()

@@ -1,0 +1,95 @@
+"""Plots of a run (accuracy/loss, per-client loss, time breakdown) and of a sweep (final accuracy)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+TIME_PARTS = [
+    ("compute_s", "client compute"),
+    ("comm_s", "communication + scheduling"),
+    ("aggregate_s", "aggregation"),
+    ("eval_s", "evaluation"),
+]
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_metrics(rows: list[dict], path: Path) -> Path:
+    """Test accuracy, and test and mean client training loss, per round."""
+    evaluated = [r for r in rows if r["test_acc"] != ""]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_acc.plot([r["round"] for r in evaluated], [100 * r["test_acc"] for r in evaluated], marker="o", ms=3)
+    ax_acc.set(xlabel="round", ylabel="test accuracy (%)", title="Global model accuracy")
+    ax_loss.plot(
+        [r["round"] for r in evaluated], [r["test_loss"] for r in evaluated], marker="o", ms=3, label="test"
+    )
+    ax_loss.plot(
+        [r["round"] for r in rows], [r["train_loss"] for r in rows], label="train (mean over clients)"
+    )
+    ax_loss.set(xlabel="round", ylabel="cross-entropy", title="Loss")
+    ax_loss.legend()
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_client_losses(client_rows: list[dict], path: Path, max_clients: int = 50) -> Path:
+    """Each client's local training loss over the rounds it took part in (first `max_clients` clients)."""
+    curves: dict[int, list[tuple[int, float]]] = defaultdict(list)
+    for row in client_rows:
+        curves[int(row["client"])].append((int(row["round"]), float(row["train_loss"])))
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for client in sorted(curves)[:max_clients]:
+        points = sorted(curves[client])
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", lw=0.8, alpha=0.6)
+    shown = min(len(curves), max_clients)
+    ax.set(xlabel="round", ylabel="local training loss", title=f"Per-client training loss ({shown} clients)")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_time_breakdown(rows: list[dict], path: Path) -> Path:
+    """Stacked bars per round: client compute, communication, aggregation, evaluation."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    rounds = [r["round"] for r in rows]
+    bottom = [0.0] * len(rows)
+    for key, label in TIME_PARTS:
+        values = [float(r[key]) for r in rows]
+        ax.bar(rounds, values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set(xlabel="round", ylabel="seconds", title="Where each round's time goes")
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_sweep(rows: list[dict], x_key: str, line_keys: list[str], path: Path) -> Path:
+    """Final test accuracy against `x_key`, one line per combination of `line_keys` (failed jobs left out)."""
+    lines: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
+    for row in rows:
+        if row["status"] != "ok" or row["final_acc"] == "":
+            continue
+        lines[tuple(row[k] for k in line_keys)].append((float(row[x_key]), 100 * float(row["final_acc"])))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, points in sorted(lines.items(), key=lambda kv: [str(v) for v in kv[0]]):
+        points.sort()
+        label = ", ".join(f"{k}={v}" for k, v in zip(line_keys, key)) or None
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+    xs = [float(r[x_key]) for r in rows if r["status"] == "ok"]
+    if xs and min(xs) > 0 and max(xs) / min(xs) >= 10:
+        ax.set_xscale("log")
+    ax.set(xlabel=x_key, ylabel="final test accuracy (%)", title="Sweep: final accuracy")
+    if line_keys:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
