@@ -37,7 +37,8 @@ def main(cfg: DictConfig) -> float:
     name = f"job{hydra_cfg.job.num}" if sweeping else None
     try:
         validate(cfg)
-        result = run_experiment(cfg, out_dir, group=group, name=name)
+        # in a sweep a job may run in a reused process: its clock starts with the job
+        result = run_experiment(cfg, out_dir, group=group, name=name, started=started if sweeping else None)
     except Exception as exc:
         bad_input = isinstance(exc, RaypflError)
         write_result(

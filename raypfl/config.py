@@ -153,6 +153,10 @@ def validate(cfg: DictConfig) -> None:
     )
     _require(algo.server_lr > 0, f"algorithm.server_lr={algo.server_lr} must be > 0")
 
+    if "report" in cfg:
+        target = cfg.report.target_acc
+        _require(0 < target <= 1, f"report.target_acc={target} must be in (0, 1]")
+
     runtime = runtime_spec(cfg)
     _require(runtime.name in ("ray", "sequential"), f"runtime={runtime.name} must be ray or sequential")
     _require(runtime.torch_threads >= 1, f"runtime.torch_threads={runtime.torch_threads} must be >= 1")

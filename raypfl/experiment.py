@@ -65,11 +65,16 @@ def build_setup(cfg: DictConfig, dataset: Dataset) -> FederationSetup:
 
 
 def run_experiment(
-    cfg: DictConfig, out_dir: Path, group: str | None = None, name: str | None = None
+    cfg: DictConfig,
+    out_dir: Path,
+    group: str | None = None,
+    name: str | None = None,
+    started: float | None = None,
 ) -> RunResult:
     """Run `train.rounds` rounds of the configured algorithm on the configured runtime.
 
-    `group` and `name` label the run for trackers (a sweep's runs share a group).
+    `group` and `name` label the run for trackers (a sweep's runs share a group); `started` is when the
+    job began (wall_s counts from it; default: when this process started).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +84,7 @@ def run_experiment(
     setup = build_setup(cfg, dataset)
     sampler = CohortSampler(clients_spec(cfg), cfg.seed)
     runtime = build_runtime(runtime_spec(cfg))
-    tracker = RunTracker(out_dir, train.rounds, build_sinks(cfg, out_dir, group, name))
+    tracker = RunTracker(out_dir, train.rounds, build_sinks(cfg, out_dir, group, name), started)
     torch.set_num_threads(setup.torch_threads)
     log.info(
         "%s on %s: %d clients (%s), %d per round, model %s, runtime %s",
@@ -151,8 +156,18 @@ def build_sinks(cfg: DictConfig, out_dir: Path, group: str | None, name: str | N
         from raypfl.wandb_sink import WandbSink
 
         config = OmegaConf.to_container(cfg, resolve=True)
-        return [WandbSink(config, out_dir, logger["project"], logger.get("entity"), group, name,
-                          logger.get("mode"), list(logger.get("tags") or []))]  # fmt: skip
+        return [
+            WandbSink(
+                config,
+                out_dir,
+                logger["project"],
+                logger.get("entity"),
+                group,
+                name,
+                logger.get("mode"),
+                list(logger.get("tags") or []),
+            )
+        ]
     raise ValueError(f"logger={logger['name']} is not supported")
 
 

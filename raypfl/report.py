@@ -12,10 +12,13 @@ import argparse
 import csv
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
 import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 from raypfl.plots import plot_sweep
 
@@ -23,15 +26,30 @@ log = logging.getLogger("raypfl")
 
 RESULT_FILE = "result.json"
 DEFAULT_TARGET = 0.97
-RESULT_COLUMNS = ["status", "final_acc", "best_acc", "rounds", "rounds_to_target", "total_s",
-                  "started_at", "finished_at", "error"]  # fmt: skip
+RESULT_COLUMNS = [
+    "status",
+    "final_acc",
+    "best_acc",
+    "rounds",
+    "rounds_to_target",
+    "total_s",
+    "started_at",
+    "finished_at",
+    "error",
+]
 
 
 def write_result(out_dir: Path, started: float, status: str, error: str = "", **extra) -> None:
     """Record how a job ended (written by every job, success or failure)."""
     finished = time.time()
-    record = {"status": status, "error": error, "started_at": started, "finished_at": finished,
-              "total_s": round(finished - started, 3), **extra}  # fmt: skip
+    record = {
+        "status": status,
+        "error": error,
+        "started_at": started,
+        "finished_at": finished,
+        "total_s": round(finished - started, 3),
+        **extra,
+    }
     (Path(out_dir) / RESULT_FILE).write_text(json.dumps(record, indent=2))
 
 
@@ -151,6 +169,31 @@ def report(path: Path, target: float = DEFAULT_TARGET) -> list[dict]:
             log.error("job %s %s: %s", row["job"], row["status"], row["error"] or "no result.json")
     log.info("wrote %s%s", csv_path, f" and {png_path}" if png_path else "")
     return rows
+
+
+class SweepReport(Callback):
+    """Hydra callback: when a sweep ends, write its summary and exit non-zero if any job failed."""
+
+    def __init__(self, target: float = DEFAULT_TARGET):
+        self.target = target
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        try:
+            rows = report(sweep_dir, self.target)
+        except FileNotFoundError as exc:
+            log.error("no sweep report: %s", exc)
+            return
+        failed = [r["job"] for r in rows if r["status"] != "ok"]
+        if failed:
+            log.error(
+                "%d of %d jobs failed (%s); the others' results are in %s",
+                len(failed),
+                len(rows),
+                ", ".join(failed),
+                sweep_dir / "summary.csv",
+            )
+            sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

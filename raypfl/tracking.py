@@ -15,10 +15,22 @@ from raypfl import plots
 log = logging.getLogger("raypfl")
 
 METRIC_COLUMNS = [
-    "round", "test_acc", "test_loss", "train_loss", "clients", "rejected",
-    "round_s", "train_s", "compute_s", "comm_s", "aggregate_s", "eval_s", "wall_s",
-    "bytes_down", "bytes_up",
-]  # fmt: skip
+    "round",
+    "test_acc",
+    "test_loss",
+    "train_loss",
+    "clients",
+    "rejected",
+    "round_s",
+    "train_s",
+    "compute_s",
+    "comm_s",
+    "aggregate_s",
+    "eval_s",
+    "wall_s",
+    "bytes_down",
+    "bytes_up",
+]
 CLIENT_COLUMNS = ["round", "client", "samples", "train_loss", "train_acc", "steps", "accepted", "seconds"]
 
 
@@ -80,12 +92,14 @@ class _Progress:
 class RunTracker:
     """Writes the run's metrics as it goes, draws the plots at the end, and feeds any sinks."""
 
-    def __init__(self, out_dir: Path, total_rounds: int, sinks: list[Sink] | None = None):
+    def __init__(
+        self, out_dir: Path, total_rounds: int, sinks: list[Sink] | None = None, started: float | None = None
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.total_rounds = total_rounds
         self.sinks = sinks or []
-        self.started = process_start_time()
+        self.started = started or process_start_time()
         self.metrics = _CsvLog(self.out_dir / "metrics.csv", METRIC_COLUMNS)
         self.clients = _CsvLog(self.out_dir / "clients.csv", CLIENT_COLUMNS)
         self.rows: list[dict] = []
@@ -107,9 +121,16 @@ class RunTracker:
         loss = "  n/a " if row["test_loss"] == "" else f"{row['test_loss']:.4f}"
         log.info(
             "round %*d/%d | test acc %s | test loss %s | train loss %.4f | %d clients | %.2f s | wall %.1f s",
-            len(str(self.total_rounds)), row["round"], self.total_rounds, acc, loss, row["train_loss"],
-            row["clients"], row["round_s"], row["wall_s"],
-        )  # fmt: skip
+            len(str(self.total_rounds)),
+            row["round"],
+            self.total_rounds,
+            acc,
+            loss,
+            row["train_loss"],
+            row["clients"],
+            row["round_s"],
+            row["wall_s"],
+        )
         self.progress.update(f"acc {acc.strip()}")
 
     def finish(self, model_path: Path | None = None) -> None:

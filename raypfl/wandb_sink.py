@@ -11,9 +11,20 @@ log = logging.getLogger("raypfl")
 
 CLIENT_TABLE_COLUMNS = ["round", "client", "samples", "train_loss", "train_acc", "seconds"]
 ROUND_KEYS = [
-    "test_acc", "test_loss", "train_loss", "clients", "rejected", "round_s", "compute_s", "comm_s",
-    "aggregate_s", "eval_s", "wall_s", "bytes_down", "bytes_up",
-]  # fmt: skip
+    "test_acc",
+    "test_loss",
+    "train_loss",
+    "clients",
+    "rejected",
+    "round_s",
+    "compute_s",
+    "comm_s",
+    "aggregate_s",
+    "eval_s",
+    "wall_s",
+    "bytes_down",
+    "bytes_up",
+]
 
 
 def resolve_mode(requested: str | None) -> str:
@@ -37,15 +48,31 @@ def _logged_in() -> bool:
 class WandbSink:
     """Per-round metrics, a per-client table and the final model artifact, in one W&B run."""
 
-    def __init__(self, config: dict, out_dir: Path, project: str, entity: str | None, group: str | None,
-                 name: str | None, mode: str | None, tags: list[str] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        config: dict,
+        out_dir: Path,
+        project: str,
+        entity: str | None,
+        group: str | None,
+        name: str | None,
+        mode: str | None,
+        tags: list[str] | None = None,
+    ):
         import wandb
 
         self.mode = resolve_mode(mode)
         self.run = wandb.init(
-            project=project, entity=entity, group=group, name=name, config=config, dir=str(out_dir),
-            mode=self.mode, tags=tags or None, reinit="finish_previous",
-        )  # fmt: skip
+            project=project,
+            entity=entity,
+            group=group,
+            name=name,
+            config=config,
+            dir=str(out_dir),
+            mode=self.mode,
+            tags=tags or None,
+            reinit="finish_previous",
+        )
         self.table_rows: list[list] = []
         log.info("wandb: %s run %s (group %s)", self.mode, self.run.id, group)
 
@@ -57,7 +84,7 @@ class WandbSink:
     def finish(self, out_dir: Path, model_path: Path | None) -> None:
         import wandb
 
-        self.run.log({"clients": wandb.Table(columns=CLIENT_TABLE_COLUMNS, data=self.table_rows)})
+        self.run.log({"client_metrics": wandb.Table(columns=CLIENT_TABLE_COLUMNS, data=self.table_rows)})
         if model_path is not None and model_path.exists():
             artifact = wandb.Artifact(f"model-{self.run.id}", type="model")
             artifact.add_file(str(model_path))

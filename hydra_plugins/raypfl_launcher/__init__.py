@@ -1,0 +1,1 @@
+"""raypfl's Hydra launcher plugin: `hydra/launcher=ray` runs sweep jobs concurrently on one Ray."""

@@ -1,0 +1,210 @@
+"""Experiment configs, sweeps (basic and Ray launchers), sweep reports and W&B tracking."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raypfl.config import validate
+from raypfl.experiment import run_experiment
+from tests.conftest import CONF_DIR, REPO, make_config
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+SMALL = ["dataset.train_limit=1200", "dataset.test_limit=300", "model=mlp", "train.batch_size=20"]
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "raypfl", "-m", *args, f"hydra.sweep.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=REPO,
+        env=os.environ.copy(),
+    )
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_config_composes_and_runs_one_round(name, tmp_path, data_root, ray_session):
+    cfg = make_config(
+        f"+experiment={name}",
+        "train.rounds=1",
+        "clients.num=4",
+        "clients.per_round=2",
+        "dataset.train_limit=1000",
+        "dataset.test_limit=200",
+    )
+    validate(cfg)
+    result = run_experiment(cfg, tmp_path)
+    assert len(result.rounds) == 1 and result.rounds[0]["test_acc"] > 0.1
+    assert (tmp_path / "metrics.csv").exists()
+
+
+@pytest.fixture(scope="module")
+def broken_sweep(tmp_path_factory, data_root):
+    """A 2x2 sweep on the basic launcher, one lr invalid: two jobs fail, two succeed."""
+    out = tmp_path_factory.mktemp("sweep")
+    proc = sweep(
+        out,
+        "+experiment=fedavg",
+        *SMALL,
+        "runtime=sequential",
+        "train.rounds=2",
+        "clients.num=6",
+        "clients.per_round=3",
+        "optim.lr=0.1,-1",
+        "seed=0,1",
+    )
+    return out, proc
+
+
+def test_sweep_reports_a_failed_job_and_summarises_the_rest(broken_sweep):
+    out, proc = broken_sweep
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    rows = read_csv(out / "summary.csv")
+    assert len(rows) == 4
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed", "failed"]
+    assert {r["optim.lr"] for r in rows[:2]} == {"0.1"} and {r["seed"] for r in rows} == {"0", "1"}
+    assert all("optim.lr=-1 must be > 0" in r["error"] for r in rows[2:])
+    assert all(float(r["final_acc"]) > 0.5 and float(r["total_s"]) > 0 for r in rows[:2])
+    assert (out / "summary.png").stat().st_size > 10_000
+    assert "2 of 4 jobs failed" in proc.stdout + proc.stderr
+
+
+def test_report_rebuilds_summary_from_multirun_and_run_folders(broken_sweep):
+    out, _ = broken_sweep
+    before = read_csv(out / "summary.csv")
+    (out / "summary.csv").unlink()
+    (out / "summary.png").unlink()
+    proc = subprocess.run(
+        [sys.executable, "-m", "raypfl.report", str(out), "--target", "0.5"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert proc.returncode == 1  # failed jobs are still failed
+    after = read_csv(out / "summary.csv")
+    assert [r["final_acc"] for r in after] == [r["final_acc"] for r in before]
+    assert all(r["rounds_to_target"] in {"1", "2"} for r in after[:2])  # 0.5 is reached within 2 rounds
+    assert (out / "summary.png").exists()
+    single = out / "0"
+    proc = subprocess.run(
+        [sys.executable, "-m", "raypfl.report", str(single)], capture_output=True, text=True, cwd=REPO
+    )
+    assert proc.returncode == 0 and len(read_csv(single / "summary.csv")) == 1
+
+
+def test_ray_launcher_runs_jobs_concurrently(tmp_path, data_root):
+    proc = sweep(
+        tmp_path,
+        "+experiment=fedavg",
+        *SMALL,
+        "train.rounds=3",
+        "clients.num=6",
+        "clients.per_round=3",
+        "optim.lr=0.05,0.1",
+        "hydra/launcher=ray",
+        "hydra.launcher.num_cpus=2",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 jobs, 2 at a time, 1 client actor(s) each" in proc.stdout + proc.stderr
+    rows = read_csv(tmp_path / "summary.csv")
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    (a_start, a_end), (b_start, b_end) = [(float(r["started_at"]), float(r["finished_at"])) for r in rows]
+    assert max(a_start, b_start) < min(a_end, b_end), "the two jobs' run times do not overlap"
+    for job in ("0", "1"):
+        assert "runtime:\n  name: ray" in (tmp_path / job / "config.yaml").read_text()
+        assert "num_actors: 1" in (tmp_path / job / "config.yaml").read_text()
+
+
+def wandb_records(path: Path) -> list[bytes]:
+    """Records of a .wandb file: 7-byte header, then LevelDB-log blocks of 32 KiB (FULL/FIRST/MIDDLE/LAST)."""
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", "not a W&B run log"
+    block, pos, records, pending = 32768, 7, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length = int.from_bytes(data[pos + 4 : pos + 6], "little")
+        kind = data[pos + 6]
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending = chunk if kind in (1, 2) else pending + chunk
+        if kind in (1, 4):
+            records.append(pending)
+            pending = b""
+    return records
+
+
+def _offline_records(run_dir: Path, kind: str) -> list:
+    from wandb.proto import wandb_internal_pb2
+
+    [path] = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    found = []
+    for data in wandb_records(path):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == kind:
+            found.append(getattr(record, kind))
+    return found
+
+
+def read_offline_config(run_dir: Path) -> dict:
+    """The config an offline W&B run was started with."""
+    import json
+
+    [run] = _offline_records(run_dir, "run")
+    return {item.key: json.loads(item.value_json) for item in run.config.update}
+
+
+def read_offline_history(run_dir: Path) -> list[dict]:
+    """The history rows of an offline W&B run."""
+    import json
+
+    return [
+        {(item.key or "/".join(item.nested_key)): json.loads(item.value_json) for item in history.item}
+        for history in _offline_records(run_dir, "history")
+    ]
+
+
+def test_wandb_offline_run_has_one_history_row_per_round(tmp_path, data_root, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = make_config(
+        *SMALL, "logger=wandb", "runtime=sequential", "train.rounds=3", "clients.num=6", "clients.per_round=3"
+    )
+    result = run_experiment(cfg, tmp_path, group="sweep-x", name="job0")
+    history = read_offline_history(tmp_path)
+    assert [row["_step"] for row in history] == [1, 2, 3]
+    assert [row["test_acc"] for row in history] == pytest.approx([r["test_acc"] for r in result.rounds])
+    assert all("bytes_down" in row and "round_s" in row for row in history)
+    assert history[-1]["client_metrics/_type"] == "table-file"  # the per-client table, with the last round
+    config = read_offline_config(tmp_path)
+    assert config["clients"]["num"] == 6
+    assert config["dataset"]["root"] == os.environ["RAYPFL_DATA"]  # resolved, not ${oc.env:...}
+
+
+def test_progress_bar_only_on_a_terminal(capsys):
+    from raypfl.tracking import _Progress
+
+    quiet = _Progress(3, enabled=False)
+    quiet.update("acc 50%")
+    quiet.close()
+    assert capsys.readouterr().err == ""
+    live = _Progress(3, enabled=True)
+    live.update("acc 50%")
+    live.close()
+    assert "/3 [" in capsys.readouterr().err  # the bar was drawn (and cleared: leave=False)
