@@ -52,8 +52,30 @@ def main(cfg: DictConfig) -> float:
             raise
         log.error("job %s failed: %s", hydra_cfg.job.num, exc, exc_info=not bad_input)
         return float("nan")
+    if result is None:  # an MPI rank that served rank 0; rank 0 reports
+        return float("nan")
     write_result(out_dir, started, "ok", final_acc=result.final_accuracy)
     return result.final_accuracy
+
+
+def mpi_rank_overrides(args: list[str]) -> list[str]:
+    """Under mpiexec every rank runs this program: all use rank 0's output folder; only rank 0 writes."""
+    from raypfl.runtime.mpi_runtime import launched_by_mpiexec
+
+    if not launched_by_mpiexec():
+        return []
+    from datetime import datetime
+
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    given = any(a.startswith("hydra.run.dir=") for a in args)
+    run_dir = None if given or comm.rank else f"outputs/{datetime.now():%Y-%m-%d/%H-%M-%S}"
+    run_dir = comm.bcast(run_dir, root=0)
+    extra = [f"hydra.run.dir={run_dir}"] if run_dir else []
+    if comm.rank > 0:
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    return extra
 
 
 def cli() -> None:
@@ -62,6 +84,7 @@ def cli() -> None:
     if message:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
+    sys.argv.extend(mpi_rank_overrides(sys.argv[1:]))
     main()
 
 

@@ -16,6 +16,8 @@ OPTIMIZERS = ("sgd", "adam")
 SELECTIONS = ("random", "fixed")
 WEIGHTINGS = ("samples", "uniform")
 LOGGERS = ("none", "wandb")
+RUNTIMES = ("ray", "sequential", "mpi")
+MPI_MODES = ("server", "allgather")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class RuntimeSpec:
     address: str | None = None
     object_store_mb: int | None = None
     torch_threads: int = 1
+    mpi_mode: str = "server"
+    rebuild_model: bool = False
 
 
 def _spec(cls: type, node: Any, prefix: str) -> Any:
@@ -158,7 +162,8 @@ def validate(cfg: DictConfig) -> None:
         _require(0 < target <= 1, f"report.target_acc={target} must be in (0, 1]")
 
     runtime = runtime_spec(cfg)
-    _require(runtime.name in ("ray", "sequential"), f"runtime={runtime.name} must be ray or sequential")
+    _require(runtime.name in RUNTIMES, f"runtime={runtime.name} must be one of {', '.join(RUNTIMES)}")
+    _require(runtime.mpi_mode in MPI_MODES, f"runtime.mpi_mode={runtime.mpi_mode} must be one of {MPI_MODES}")
     _require(runtime.torch_threads >= 1, f"runtime.torch_threads={runtime.torch_threads} must be >= 1")
     if runtime.num_cpus is not None:
         _positive_int(runtime.num_cpus, "runtime.num_cpus")

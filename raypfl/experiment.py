@@ -70,22 +70,31 @@ def run_experiment(
     group: str | None = None,
     name: str | None = None,
     started: float | None = None,
-) -> RunResult:
+) -> RunResult | None:
     """Run `train.rounds` rounds of the configured algorithm on the configured runtime.
 
     `group` and `name` label the run for trackers (a sweep's runs share a group); `started` is when the
-    job began (wall_s counts from it; default: when this process started).
+    job began (wall_s counts from it; default: when this process started). Returns None on MPI ranks
+    other than 0, which only serve rank 0.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     train = train_spec(cfg)
+    runtime = build_runtime(runtime_spec(cfg))
     dataset = load_data(cfg)
     setup = build_setup(cfg, dataset)
-    sampler = CohortSampler(clients_spec(cfg), cfg.seed)
-    runtime = build_runtime(runtime_spec(cfg))
-    tracker = RunTracker(out_dir, train.rounds, build_sinks(cfg, out_dir, group, name), started)
+    weights = initial_weights(cfg.model.name, dataset, cfg.seed)
     torch.set_num_threads(setup.torch_threads)
+    if not runtime.is_driver:  # an MPI rank other than 0: follow rank 0, write nothing
+        try:
+            runtime.start(setup, weights)
+            runtime.serve()
+        finally:
+            runtime.close()
+        return None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    sampler = CohortSampler(clients_spec(cfg), cfg.seed)
+    tracker = RunTracker(out_dir, train.rounds, build_sinks(cfg, out_dir, group, name), started)
     log.info(
         "%s on %s: %d clients (%s), %d per round, model %s, runtime %s",
         cfg.algorithm.name,
@@ -96,7 +105,6 @@ def run_experiment(
         cfg.model.name,
         cfg.runtime.name,
     )
-    weights = initial_weights(cfg.model.name, dataset, cfg.seed)
     model_bytes = weights.nbytes
     try:
         runtime.start(setup, weights)

@@ -12,13 +12,10 @@ import argparse
 import csv
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
 import yaml
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
 
 from raypfl.plots import plot_sweep
 
@@ -169,31 +166,6 @@ def report(path: Path, target: float = DEFAULT_TARGET) -> list[dict]:
             log.error("job %s %s: %s", row["job"], row["status"], row["error"] or "no result.json")
     log.info("wrote %s%s", csv_path, f" and {png_path}" if png_path else "")
     return rows
-
-
-class SweepReport(Callback):
-    """Hydra callback: when a sweep ends, write its summary and exit non-zero if any job failed."""
-
-    def __init__(self, target: float = DEFAULT_TARGET):
-        self.target = target
-
-    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        sweep_dir = Path(str(config.hydra.sweep.dir))
-        try:
-            rows = report(sweep_dir, self.target)
-        except FileNotFoundError as exc:
-            log.error("no sweep report: %s", exc)
-            return
-        failed = [r["job"] for r in rows if r["status"] != "ok"]
-        if failed:
-            log.error(
-                "%d of %d jobs failed (%s); the others' results are in %s",
-                len(failed),
-                len(rows),
-                ", ".join(failed),
-                sweep_dir / "summary.csv",
-            )
-            sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,8 +99,9 @@ class RayLauncher(Launcher):
             return False
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING}
-        if self.address:
-            ray.init(address=self.address, **kwargs)
+        address = self.address or self.config.get("runtime", {}).get("address")
+        if address:
+            ray.init(address=address, **kwargs)
         else:
             store = self.object_store_mb * 1024 * 1024 if self.object_store_mb else None
             cpus = self.num_cpus or os.cpu_count()

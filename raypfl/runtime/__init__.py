@@ -1,4 +1,4 @@
-"""Runtimes execute rounds: `sequential` (in-process reference) and `ray` (client-pool actors)."""
+"""Runtimes execute rounds: `sequential` (in-process reference), `ray` (client-pool actors), `mpi` (ranks)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,11 @@ def build_runtime(spec: RuntimeSpec) -> Runtime:
     if spec.name == "sequential":
         from raypfl.runtime.sequential import SequentialRuntime
 
-        return SequentialRuntime()
+        return SequentialRuntime(rebuild_model=spec.rebuild_model)
+    if spec.name == "mpi":
+        from raypfl.runtime.mpi_runtime import MPIRuntime
+
+        return MPIRuntime(spec)
     from raypfl.runtime.ray_runtime import RayRuntime
 
     return RayRuntime(spec)

@@ -37,6 +37,9 @@ class Evaluation:
 
 
 class Runtime(Protocol):
+    #: False on processes that only follow a driver (MPI ranks > 0): they call `serve()` instead of the loop.
+    is_driver: bool
+
     def start(self, setup: FederationSetup, initial_weights: np.ndarray) -> None:
         """Build the workers and the parameter server."""
 

@@ -51,6 +51,8 @@ def pool_size(spec: RuntimeSpec) -> int:
 class RayRuntime:
     """Client-pool actors plus a parameter-server actor."""
 
+    is_driver = True
+
     def __init__(self, spec: RuntimeSpec, keep_versions: int = 2):
         self.spec = spec
         self.keep_versions = keep_versions

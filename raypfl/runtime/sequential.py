@@ -13,13 +13,16 @@ from raypfl.runtime.worker import ClientWorker
 class SequentialRuntime:
     """Trains the cohort's clients one after another in this process."""
 
-    def __init__(self, keep_versions: int = 2):
+    is_driver = True
+
+    def __init__(self, keep_versions: int = 2, rebuild_model: bool = False):
         self.keep_versions = keep_versions
+        self.rebuild_model = rebuild_model
         self.worker: ClientWorker | None = None
         self.server: ParameterServer | None = None
 
     def start(self, setup: FederationSetup, initial_weights: np.ndarray) -> None:
-        self.worker = ClientWorker(setup)
+        self.worker = ClientWorker(setup, rebuild_model=self.rebuild_model)
         self.server = ParameterServer(initial_weights, setup.algorithm.server_update, self.keep_versions)
 
     def run_round(self, round_idx: int, cohort: list[int]) -> RoundResult:

@@ -37,8 +37,9 @@ def client_seed(root: int, round_idx: int, client: int) -> int:
 class ClientWorker:
     """Holds one model, a view of the training data and the state of the clients it trains."""
 
-    def __init__(self, setup: FederationSetup):
+    def __init__(self, setup: FederationSetup, rebuild_model: bool = False):
         torch.set_num_threads(setup.torch_threads)
+        self.rebuild_model = rebuild_model  # build a fresh model per client (the "faithful" seed-system mode)
         self.setup = setup
         self.algorithm = setup.algorithm
         data = setup.dataset
@@ -57,6 +58,10 @@ class ClientWorker:
         for client in clients:
             start = time.perf_counter()
             seed = client_seed(self.setup.seed, round_idx, client)
+            if self.rebuild_model:
+                self.model = build_model(
+                    self.setup.model_name, self.setup.dataset.in_shape, self.setup.dataset.num_classes
+                )
             torch.manual_seed(seed)  # dropout and any other torch randomness of this client
             set_flat(self.model, global_weights)
             ctx = ClientContext(

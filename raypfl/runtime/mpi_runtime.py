@@ -1,0 +1,169 @@
+"""The MPI runtime: the same worker and parameter-server code, over mpi4py ranks.
+
+Every rank runs the same command under `mpiexec -n N`. Rank 0 is the driver and the server and also trains
+its share of the cohort; the other ranks serve its commands. Per round (mode `server`): rank 0 broadcasts
+the global weights (`Bcast` of a float32 buffer), every rank trains its clients into ONE weighted partial
+sum, the partials are gathered on rank 0 (`Gather` of float64 buffers, summed in rank order) and rank 0's
+parameter server applies the algorithm's server update. Mode `allgather` has no server rank: every rank
+gathers every partial (`Allgather`) and applies the server update itself, and after each round all
+replicas are checked to be bit-identical.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+
+import numpy as np
+
+from raypfl.aggregate import Aggregate
+from raypfl.config import RuntimeSpec
+from raypfl.errors import ConfigError
+from raypfl.runtime.base import Evaluation, RoundResult, combine_evaluations
+from raypfl.runtime.parameter_server import ParameterServer
+from raypfl.runtime.scheduling import assign_cohort, split_range
+from raypfl.runtime.setup import FederationSetup
+from raypfl.runtime.worker import ClientWorker
+
+log = logging.getLogger(__name__)
+
+#: Variables that MPI launchers set in every rank's environment (MPICH/Hydra, PMIx, Open MPI).
+LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK", "OMPI_COMM_WORLD_RANK")
+MODES = ("server", "allgather")
+
+
+def launched_by_mpiexec() -> bool:
+    return any(v in os.environ for v in LAUNCHER_VARIABLES)
+
+
+class ReplicaDivergence(RuntimeError):
+    """In allgather mode, the ranks' global models differ after a round."""
+
+
+class MPIRuntime:
+    """Ranks of one MPI job; only rank 0 (`is_driver`) runs the experiment loop, the others `serve()`."""
+
+    def __init__(self, spec: RuntimeSpec, comm=None):
+        if comm is None and not launched_by_mpiexec():
+            raise ConfigError(
+                "runtime=mpi must be started under mpiexec: `mpiexec -n 2 python -m raypfl ... runtime=mpi`"
+            )
+        if spec.mpi_mode not in MODES:
+            raise ConfigError(f"runtime.mpi_mode={spec.mpi_mode} must be one of {', '.join(MODES)}")
+        from mpi4py import MPI
+
+        self.comm = comm or MPI.COMM_WORLD
+        self.rank = self.comm.Get_rank()
+        self.size = self.comm.Get_size()
+        self.mode = spec.mpi_mode
+        self.is_driver = self.rank == 0
+        self.worker: ClientWorker | None = None
+        self.server: ParameterServer | None = None
+        self.weights = np.empty(0, np.float32)
+
+    def start(self, setup: FederationSetup, initial_weights: np.ndarray) -> None:
+        if self.size > setup.partition.num_clients:
+            raise ConfigError(
+                f"mpiexec -n {self.size} starts more ranks than clients.num={setup.partition.num_clients}: "
+                "use at most one rank per client"
+            )
+        self.worker = ClientWorker(setup)
+        self.sizes = [setup.partition.size(c) for c in range(setup.partition.num_clients)]
+        self.sticky = setup.algorithm.stateful_clients
+        self.test_ranges = split_range(len(setup.dataset.test_y), self.size)
+        self.weights = np.array(initial_weights, dtype=np.float32)
+        if self.is_driver or self.mode == "allgather":
+            self.server = ParameterServer(self.weights, setup.algorithm.server_update)
+        if self.is_driver:
+            log.info("mpi runtime: %d ranks, mode %s", self.size, self.mode)
+
+    # --- what the driver calls (rank 0) ---------------------------------------------------------------
+
+    def run_round(self, round_idx: int, cohort: list[int]) -> RoundResult:
+        self.comm.bcast(("round", round_idx, list(cohort)), root=0)
+        return self._round(round_idx, cohort)
+
+    def evaluate(self) -> Evaluation:
+        self.comm.bcast(("evaluate",), root=0)
+        return self._evaluate()
+
+    def global_weights(self) -> np.ndarray:
+        return self.weights.copy()
+
+    def close(self) -> None:
+        if self.is_driver and self.worker is not None:
+            self.comm.bcast(("stop",), root=0)
+        self.worker = None
+
+    # --- what every other rank does ---------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Follow rank 0's commands until it stops."""
+        while True:
+            command = self.comm.bcast(None, root=0)
+            if command[0] == "round":
+                self._round(command[1], command[2])
+            elif command[0] == "evaluate":
+                self._evaluate()
+            else:
+                return
+
+    # --- collective steps, run by every rank --------------------------------------------------------------
+
+    def _sync_weights(self) -> None:
+        """Server mode: the other ranks receive rank 0's global model (allgather replicas already agree)."""
+        if self.mode == "server":
+            self.comm.Bcast(self.weights, root=0)
+
+    def _round(self, round_idx: int, cohort: list[int]) -> RoundResult | None:
+        self._sync_weights()
+        mine = assign_cohort(cohort, [self.sizes[c] for c in cohort], self.size, self.sticky)[self.rank]
+        partial, metrics = self.worker.train_cohort(self.weights, round_idx, mine)
+        send = partial.total if partial.total is not None else np.zeros(self.weights.size, np.float64)
+        meta = (partial.weight, partial.clients, partial.rejected, metrics)
+        if self.mode == "server":
+            received = np.empty((self.size, send.size), np.float64) if self.is_driver else None
+            self.comm.Gather(send, received, root=0)
+            metas = self.comm.gather(meta, root=0)
+            if not self.is_driver:
+                return None
+        else:
+            received = np.empty((self.size, send.size), np.float64)
+            self.comm.Allgather(send, received)
+            metas = self.comm.allgather(meta)
+        version = self._aggregate(received, metas)
+        if self.mode == "allgather":
+            self._check_replicas()
+        if not self.is_driver:
+            return None
+        return RoundResult.from_workers(version, [m[3] for m in metas], self.server.round_summary())
+
+    def _aggregate(self, received: np.ndarray, metas: list[tuple]) -> int:
+        """Push every rank's partial (in rank order) to this rank's parameter server; adopt the result."""
+        version = self.server.latest
+        self.server.expect(version, self.size)
+        for total, (weight, clients, rejected, _) in zip(received, metas):
+            part = Aggregate(
+                total=total if weight > 0 else None, weight=weight, clients=clients, rejected=rejected
+            )
+            self.server.push(version, part)
+        self.weights = np.array(self.server.pull_latest()[1], dtype=np.float32)
+        return self.server.latest
+
+    def _check_replicas(self) -> None:
+        digest = hashlib.sha256(self.weights.tobytes()).hexdigest()
+        digests = self.comm.allgather(digest)
+        if len(set(digests)) != 1:
+            raise ReplicaDivergence(
+                f"rank {self.rank}: global model replicas differ after the round: {digests}"
+            )
+        if self.is_driver:
+            log.debug("allgather: %d replicas identical (%s)", self.size, digest[:12])
+
+    def _evaluate(self) -> Evaluation | None:
+        self._sync_weights()
+        start, stop = self.test_ranges[self.rank] if self.rank < len(self.test_ranges) else (0, 0)
+        part = self.worker.evaluate(self.weights, start, stop)
+        parts = self.comm.gather(part, root=0)
+        return combine_evaluations(parts) if self.is_driver else None
