@@ -17,7 +17,7 @@ from raypfl.config import clients_spec, runtime_spec, train_spec
 from raypfl.data.datasets import Dataset, load_dataset
 from raypfl.data.partitions import build_partition
 from raypfl.models import build_model
-from raypfl.runtime import build_runtime
+from raypfl.runtime import Runtime, build_runtime
 from raypfl.runtime.setup import FederationSetup
 from raypfl.selection import CohortSampler
 from raypfl.tracking import RunTracker
@@ -105,43 +105,18 @@ def run_experiment(
         cfg.model.name,
         cfg.runtime.name,
     )
-    model_bytes = weights.nbytes
     try:
         runtime.start(setup, weights)
         for round_idx in range(1, train.rounds + 1):
-            start = time.perf_counter()
-            cohort = sampler.cohort(round_idx)
-            result = runtime.run_round(round_idx, cohort)
-            trained = time.perf_counter()
-            evaluation = None
-            if round_idx % train.eval_every == 0 or round_idx == train.rounds:
-                evaluation = runtime.evaluate()
-            done = time.perf_counter()
-            losses = [m["train_loss"] for m in result.client_metrics if m["accepted"]]
-            train_s = trained - start
-            tracker.log_round(
-                {
-                    "round": round_idx,
-                    "test_acc": "" if evaluation is None else round(evaluation.accuracy, 6),
-                    "test_loss": "" if evaluation is None else round(evaluation.loss, 6),
-                    "train_loss": round(float(np.mean(losses)), 6) if losses else float("nan"),
-                    "clients": len(result.aggregated),
-                    "rejected": len(result.rejected),
-                    "round_s": round(done - start, 4),
-                    "train_s": round(train_s, 4),
-                    "compute_s": round(result.compute_s, 4),
-                    "comm_s": round(max(0.0, train_s - result.compute_s - result.aggregate_s), 4),
-                    "aggregate_s": round(result.aggregate_s, 4),
-                    "eval_s": round(done - trained, 4),
-                    # what FedAvg moves: the global model to each client, one update back from each
-                    "bytes_down": model_bytes * len(cohort),
-                    "bytes_up": model_bytes * len(result.client_metrics),
-                },
-                result.client_metrics,
+            evaluate = round_idx % train.eval_every == 0 or round_idx == train.rounds
+            row, client_rows = play_round(
+                runtime, round_idx, sampler.cohort(round_idx), evaluate, weights.nbytes
             )
+            tracker.log_round(row, client_rows)
         weights = runtime.global_weights()
     finally:
         runtime.close()
+        tracker.close()
     model_path = out_dir / "model.pt"
     save_model(model_path, cfg.model.name, dataset, weights)
     tracker.finish(model_path)
@@ -153,6 +128,37 @@ def run_experiment(
         out_dir,
     )
     return RunResult(weights, tracker.rows, out_dir)
+
+
+def play_round(
+    runtime: Runtime, round_idx: int, cohort: list[int], evaluate: bool, model_bytes: int
+) -> tuple[dict, list[dict]]:
+    """Run one round (and maybe evaluate); return its metrics row and the clients' rows."""
+    start = time.perf_counter()
+    result = runtime.run_round(round_idx, cohort)
+    trained = time.perf_counter()
+    evaluation = runtime.evaluate() if evaluate else None
+    done = time.perf_counter()
+    losses = [m["train_loss"] for m in result.client_metrics if m["accepted"]]
+    train_s = trained - start
+    row = {
+        "round": round_idx,
+        "test_acc": "" if evaluation is None else round(evaluation.accuracy, 6),
+        "test_loss": "" if evaluation is None else round(evaluation.loss, 6),
+        "train_loss": round(float(np.mean(losses)), 6) if losses else float("nan"),
+        "clients": len(result.aggregated),
+        "rejected": len(result.rejected),
+        "round_s": round(done - start, 4),
+        "train_s": round(train_s, 4),
+        "compute_s": round(result.compute_s, 4),
+        "comm_s": round(max(0.0, train_s - result.compute_s - result.aggregate_s), 4),
+        "aggregate_s": round(result.aggregate_s, 4),
+        "eval_s": round(done - trained, 4),
+        # what FedAvg moves: the global model to each client, one update back from each
+        "bytes_down": model_bytes * len(cohort),
+        "bytes_up": model_bytes * len(result.client_metrics),
+    }
+    return row, result.client_metrics
 
 
 def build_sinks(cfg: DictConfig, out_dir: Path, group: str | None, name: str | None) -> list:

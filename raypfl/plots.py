@@ -73,6 +73,13 @@ def plot_time_breakdown(rows: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+def _sort_key(value: object) -> tuple:
+    """Numbers in numeric order (10 < 50 < 100), before anything else in text order."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
+
+
 def plot_sweep(rows: list[dict], x_key: str, line_keys: list[str], path: Path) -> Path:
     """Final test accuracy against `x_key`, one line per combination of `line_keys` (failed jobs left out)."""
     lines: dict[tuple, list[tuple[float, float]]] = defaultdict(list)
@@ -81,7 +88,7 @@ def plot_sweep(rows: list[dict], x_key: str, line_keys: list[str], path: Path) -
             continue
         lines[tuple(row[k] for k in line_keys)].append((float(row[x_key]), 100 * float(row["final_acc"])))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, points in sorted(lines.items(), key=lambda kv: [str(v) for v in kv[0]]):
+    for key, points in sorted(lines.items(), key=lambda kv: [_sort_key(v) for v in kv[0]]):
         points.sort()
         label = ", ".join(f"{k}={v}" for k, v in zip(line_keys, key)) or None
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)

@@ -42,8 +42,8 @@ def write_result(out_dir: Path, started: float, status: str, error: str = "", **
     record = {
         "status": status,
         "error": error,
-        "started_at": started,
-        "finished_at": finished,
+        "started_at": round(started, 3),
+        "finished_at": round(finished, 3),
         "total_s": round(finished - started, 3),
         **extra,
     }

@@ -133,9 +133,12 @@ class RunTracker:
         )
         self.progress.update(f"acc {acc.strip()}")
 
-    def finish(self, model_path: Path | None = None) -> None:
-        """Close the progress bar, draw the plots, close the sinks."""
+    def close(self) -> None:
+        """Stop the live progress bar (also when the run fails)."""
         self.progress.close()
+
+    def finish(self, model_path: Path | None = None) -> None:
+        """Draw the plots and close the sinks."""
         if self.rows:
             plots.plot_metrics(self.rows, self.out_dir / "metrics.png")
             plots.plot_time_breakdown(self.rows, self.out_dir / "time.png")

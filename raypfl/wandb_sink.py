@@ -7,24 +7,11 @@ import netrc
 import os
 from pathlib import Path
 
+from raypfl.tracking import CLIENT_COLUMNS, METRIC_COLUMNS
+
 log = logging.getLogger("raypfl")
 
-CLIENT_TABLE_COLUMNS = ["round", "client", "samples", "train_loss", "train_acc", "seconds"]
-ROUND_KEYS = [
-    "test_acc",
-    "test_loss",
-    "train_loss",
-    "clients",
-    "rejected",
-    "round_s",
-    "compute_s",
-    "comm_s",
-    "aggregate_s",
-    "eval_s",
-    "wall_s",
-    "bytes_down",
-    "bytes_up",
-]
+ROUND_KEYS = [c for c in METRIC_COLUMNS if c != "round"]  # the step is the round
 
 
 def resolve_mode(requested: str | None) -> str:
@@ -79,12 +66,12 @@ class WandbSink:
     def log_round(self, row: dict, client_rows: list[dict]) -> None:
         metrics = {k: row[k] for k in ROUND_KEYS if k in row and row[k] != ""}
         self.run.log(metrics, step=int(row["round"]))
-        self.table_rows.extend([[c[k] for k in CLIENT_TABLE_COLUMNS] for c in client_rows])
+        self.table_rows.extend([[c[k] for k in CLIENT_COLUMNS] for c in client_rows])
 
     def finish(self, out_dir: Path, model_path: Path | None) -> None:
         import wandb
 
-        self.run.log({"client_metrics": wandb.Table(columns=CLIENT_TABLE_COLUMNS, data=self.table_rows)})
+        self.run.log({"client_metrics": wandb.Table(columns=CLIENT_COLUMNS, data=self.table_rows)})
         if model_path is not None and model_path.exists():
             artifact = wandb.Artifact(f"model-{self.run.id}", type="model")
             artifact.add_file(str(model_path))

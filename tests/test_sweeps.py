@@ -208,3 +208,24 @@ def test_progress_bar_only_on_a_terminal(capsys):
     live.update("acc 50%")
     live.close()
     assert "/3 [" in capsys.readouterr().err  # the bar was drawn (and cleared: leave=False)
+
+
+def test_sequential_sweep_shares_one_local_ray(tmp_path, data_root):
+    proc = sweep(
+        tmp_path,
+        "+experiment=fedavg",
+        *SMALL,
+        "train.rounds=1",
+        "clients.num=4",
+        "clients.per_round=2",
+        "seed=0,1",
+        "runtime.num_cpus=2",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import re
+
+    nodes = re.findall(
+        r"Ray (started for this run|already running) \(node (\w+)\)", proc.stdout + proc.stderr
+    )
+    assert [n[0] for n in nodes] == ["already running", "already running"]  # started once, by the sweep
+    assert nodes[0][1] == nodes[1][1]

@@ -80,9 +80,11 @@ class RayRuntime:
         self.version = 0
         ray.get([actor.ready.remote() for actor in self.actors])  # start-up is not billed to round 1
         log.info(
-            "ray runtime: %d client actors (%.2g CPU each), parameter server actor",
+            "ray runtime: %d client actors (%.2g CPU each), parameter server actor; Ray %s (node %s)",
             num_actors,
             self.spec.cpus_per_actor,
+            "started for this run" if self.started_ray else "already running",
+            ray.get_runtime_context().get_node_id()[:12],
         )
 
     def run_round(self, round_idx: int, cohort: list[int]) -> RoundResult:
