@@ -161,7 +161,8 @@ def write(results: list[dict], mpi: dict, fastest: dict, args, info: dict[str, s
     n = args.ranks
     summary = [
         "",
-        f"Speedup of `mpiexec -n {n}`: S = {mpi['speedup_vs_1_thread']:.2f} vs sequential at 1 thread, "
+        f"Speedup of `mpiexec -n {n}`: S = {mpi['speedup_vs_1_thread']:.2f} vs sequential at 1 thread "
+        f"(E = {100 * mpi['speedup_vs_1_thread'] / n:.1f}%), "
         f"S = {mpi['speedup_vs_fastest']:.2f} vs the fastest sequential run "
         f"({fastest['name']}); "
         f"efficiency E = S / {n} = {100 * mpi['efficiency_vs_fastest']:.1f}%.",

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 TIME_PARTS = [
     ("compute_s", "client compute"),
@@ -19,6 +20,9 @@ TIME_PARTS = [
 
 
 def _save(fig, path: Path) -> Path:
+    for ax in fig.axes:
+        if ax.get_xlabel() == "round":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -81,7 +81,7 @@ def train_local(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256
 ) -> tuple[float, int, int]:
     """(summed cross-entropy, number correct, number of samples) in eval mode (dropout off)."""
     model.eval()

@@ -31,7 +31,12 @@ def test_fedavg_on_ray_leaves_its_outputs(tmp_path, data_root):
     assert float(rows[-1]["test_acc"]) > 0.75
     with (tmp_path / "clients.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 12  # 3 rounds x 4 clients
-    assert (tmp_path / "metrics.png").stat().st_size > 10_000
+    for plot in ("metrics.png", "clients.png", "time.png"):
+        assert (tmp_path / plot).stat().st_size > 10_000, plot
+    for row in rows:  # the time breakdown adds up to the training time
+        parts = float(row["compute_s"]) + float(row["comm_s"]) + float(row["aggregate_s"])
+        assert abs(parts - float(row["train_s"])) < 0.01 and float(row["compute_s"]) > 0
+        assert int(row["bytes_down"]) == 4 * 199_210 * 4  # 4 clients x mlp's float32 weights
     assert "per_round: 4" in (tmp_path / "config.yaml").read_text()
     assert "${" not in (tmp_path / "config.yaml").read_text()  # resolved
     model = build_model("mlp")

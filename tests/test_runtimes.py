@@ -44,6 +44,13 @@ def test_ray_runtime_with_three_actors_matches_too(sequential_run, ray_session, 
     assert np.abs(ray_run.weights - sequential_run.weights).max() <= 1e-5
 
 
+def test_faithful_model_per_client_mode_gives_the_same_model(sequential_run, tmp_path):
+    faithful = run_experiment(
+        make_config(*DIRICHLET, "runtime=sequential", "runtime.rebuild_model=true"), tmp_path
+    )
+    assert np.abs(faithful.weights - sequential_run.weights).max() <= 1e-6
+
+
 def test_different_seed_gives_a_different_model(sequential_run, tmp_path):
     other = run_experiment(make_config(*DIRICHLET, "runtime=sequential", "seed=1"), tmp_path)
     assert np.abs(other.weights - sequential_run.weights).max() > 1e-3

@@ -229,3 +229,25 @@ def test_sequential_sweep_shares_one_local_ray(tmp_path, data_root):
     )
     assert [n[0] for n in nodes] == ["already running", "already running"]  # started once, by the sweep
     assert nodes[0][1] == nodes[1][1]
+
+
+def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, data_root):
+    proc = sweep(
+        tmp_path,
+        "+experiment=tune_fedavg",
+        *SMALL,
+        "runtime=sequential",
+        "train.rounds=1",
+        "clients.num=4",
+        "clients.per_round=2",
+        "hydra.sweeper.n_trials=3",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import yaml
+
+    best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"optim.lr", "train.local_epochs"}
+    rows = read_csv(tmp_path / "summary.csv")
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+    assert best["best_value"] == pytest.approx(max(float(r["final_acc"]) for r in rows))
+    assert all(0.005 <= float(r["optim.lr"]) <= 0.3 for r in rows)

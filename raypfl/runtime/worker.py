@@ -46,8 +46,12 @@ class ClientWorker:
         self.x, self.y = _tensor(data.train_x), _tensor(data.train_y)
         self.test_x, self.test_y = _tensor(data.test_x), _tensor(data.test_y)
         torch.manual_seed(setup.seed)  # weights are overwritten before use; this keeps init cheap and quiet
-        self.model = build_model(setup.model_name, data.in_shape, data.num_classes)
+        self.model = self._new_model()
         self.client_states: dict[int, Any] = {}
+
+    def _new_model(self) -> torch.nn.Module:
+        data = self.setup.dataset
+        return build_model(self.setup.model_name, data.in_shape, data.num_classes)
 
     def train_cohort(
         self, global_weights: np.ndarray, round_idx: int, clients: list[int]
@@ -59,9 +63,7 @@ class ClientWorker:
             start = time.perf_counter()
             seed = client_seed(self.setup.seed, round_idx, client)
             if self.rebuild_model:
-                self.model = build_model(
-                    self.setup.model_name, self.setup.dataset.in_shape, self.setup.dataset.num_classes
-                )
+                self.model = self._new_model()
             torch.manual_seed(seed)  # dropout and any other torch randomness of this client
             set_flat(self.model, global_weights)
             ctx = ClientContext(
