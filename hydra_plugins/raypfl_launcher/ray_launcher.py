@@ -8,7 +8,6 @@ as failed; the other jobs go on.
 """
 
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -93,20 +92,14 @@ class RayLauncher(Launcher):
         self.task_function = task_function
 
     def _start_ray(self) -> bool:
-        import ray
+        """Start (or join) the sweep's one Ray, as a run would; True if this launcher started it."""
+        from raypfl.config import RuntimeSpec
+        from raypfl.runtime.ray_runtime import start_ray
 
-        if ray.is_initialized():
-            return False
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING}
         address = self.address or self.config.get("runtime", {}).get("address")
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            store = self.object_store_mb * 1024 * 1024 if self.object_store_mb else None
-            cpus = self.num_cpus or os.cpu_count()
-            ray.init(address="local", num_cpus=cpus, object_store_memory=store, **kwargs)
-        return True
+        return start_ray(
+            RuntimeSpec(address=address, num_cpus=self.num_cpus, object_store_mb=self.object_store_mb)
+        )
 
     def _concurrency(self) -> int:
         import ray

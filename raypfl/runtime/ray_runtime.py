@@ -63,6 +63,7 @@ class RayRuntime:
         self.sizes: list[int] = []
         self.sticky = False
         self.test_ranges: list[tuple[int, int]] = []
+        self._weights: tuple[int, object] | None = None  # (version, ObjectRef) of the latest global weights
 
     def start(self, setup: FederationSetup, initial_weights: np.ndarray) -> None:
         self.started_ray = start_ray(self.spec)
@@ -87,9 +88,15 @@ class RayRuntime:
             ray.get_runtime_context().get_node_id()[:12],
         )
 
+    def _weights_ref(self):
+        """The latest global weights in the object store: put once per version, shared by train and eval."""
+        if self._weights is None or self._weights[0] != self.version:
+            self._weights = (self.version, self.server.pull.remote(self.version))
+        return self._weights[1]
+
     def run_round(self, round_idx: int, cohort: list[int]) -> RoundResult:
         version = self.version
-        weights_ref = self.server.pull.remote(version)
+        weights_ref = self._weights_ref()
         groups = assign_cohort(cohort, [self.sizes[c] for c in cohort], len(self.actors), self.sticky)
         busy = [(actor, group) for actor, group in zip(self.actors, groups) if group]
         self.server.expect.remote(version, len(busy))
@@ -106,21 +113,21 @@ class RayRuntime:
         return RoundResult.from_workers(self.version, per_actor, ray.get(self.server.round_summary.remote()))
 
     def evaluate(self) -> Evaluation:
-        weights_ref = self.server.pull.remote(self.version)
+        weights_ref = self._weights_ref()
         parts = [
             actor.evaluate.remote(weights_ref, a, b) for actor, (a, b) in zip(self.actors, self.test_ranges)
         ]
         return combine_evaluations(ray.get(parts))
 
     def global_weights(self) -> np.ndarray:
-        return np.array(ray.get(self.server.pull.remote(self.version)))
+        return np.array(ray.get(self._weights_ref()))
 
     def close(self) -> None:
         for actor in self.actors:
             ray.kill(actor)
         if self.server is not None:
             ray.kill(self.server)
-        self.actors, self.server = [], None
+        self.actors, self.server, self._weights = [], None, None
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False
