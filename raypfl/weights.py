@@ -12,10 +12,6 @@ def _tensors(model: nn.Module) -> list[torch.Tensor]:
     return [t for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()]
 
 
-def num_weights(model: nn.Module) -> int:
-    return sum(t.numel() for t in _tensors(model))
-
-
 def get_flat(model: nn.Module) -> np.ndarray:
     """Copy the model's weights into a new flat float32 numpy vector."""
     with torch.no_grad():
