@@ -12,9 +12,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from raypfl.cli import EXIT_BAD_INPUT, check_group_overrides
+from raypfl.cli import EXIT_BAD_INPUT, EXIT_STOPPED, check_group_overrides
 from raypfl.config import validate
-from raypfl.errors import RaypflError
+from raypfl.errors import RaypflError, RunStopped
 from raypfl.report import write_result
 
 log = logging.getLogger("raypfl")
@@ -47,7 +47,7 @@ def main(cfg: DictConfig) -> float:
         if not sweeping and bad_input:
             print(f"error: {exc}", file=sys.stderr)
             log.error("error: %s", exc)
-            sys.exit(EXIT_BAD_INPUT)
+            sys.exit(EXIT_STOPPED if isinstance(exc, RunStopped) else EXIT_BAD_INPUT)
         if not sweeping:
             raise
         log.error("job %s failed: %s", hydra_cfg.job.num, exc, exc_info=not bad_input)

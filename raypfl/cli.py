@@ -6,6 +6,7 @@ from pathlib import Path
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 EXIT_BAD_INPUT = 2
+EXIT_STOPPED = 3  # the run stopped on a fault (no quorum, no living actor); resume from its checkpoint
 
 
 def group_choices(group: str, conf_dir: Path = CONF_DIR) -> list[str]:

@@ -11,3 +11,7 @@ class ConfigError(RaypflError):
 
 class DataError(RaypflError):
     """A dataset cannot be found or loaded; the message names the path tried and how to fix it."""
+
+
+class RunStopped(RaypflError):
+    """The federation could not go on (no quorum, no living actor); a checkpoint was written. Exit code 3."""

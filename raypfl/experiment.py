@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -13,11 +16,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from raypfl import seeding
 from raypfl.algorithms import build_algorithm
-from raypfl.config import clients_spec, runtime_spec, train_spec
+from raypfl.balancing import WorkloadBalancer
+from raypfl.checkpoint import FILENAME, check_compatible, fingerprint, load_checkpoint, save_checkpoint
+from raypfl.config import TrainSpec, clients_spec, faults_spec, runtime_spec, train_spec
 from raypfl.data.datasets import Dataset, load_dataset
 from raypfl.data.partitions import build_partition
+from raypfl.errors import ConfigError, RunStopped
+from raypfl.membership import Membership
 from raypfl.models import build_model
 from raypfl.runtime import Runtime, build_runtime
+from raypfl.runtime.base import RoundPlan, RoundResult
 from raypfl.runtime.setup import FederationSetup
 from raypfl.selection import CohortSampler
 from raypfl.tracking import RunTracker
@@ -53,7 +61,12 @@ def load_data(cfg: DictConfig) -> Dataset:
 def build_setup(cfg: DictConfig, dataset: Dataset) -> FederationSetup:
     """Everything the workers need, built (and checked) before any runtime starts."""
     clients = clients_spec(cfg)
+    faults = faults_spec(cfg)
     partition = build_partition(cfg.partition.name, cfg.partition, dataset.train_y, clients.num, cfg.seed)
+    speed = None
+    if clients.speed == "lognormal":  # slowdown factors >= 1: a client never runs faster than the machine
+        factors = seeding.rng(cfg.seed, seeding.SPEED).lognormal(0.0, clients.speed_sigma, clients.num)
+        speed = np.maximum(1.0, factors)
     return FederationSetup(
         dataset=dataset,
         partition=partition,
@@ -61,6 +74,9 @@ def build_setup(cfg: DictConfig, dataset: Dataset) -> FederationSetup:
         algorithm=build_algorithm(cfg),
         seed=cfg.seed,
         torch_threads=runtime_spec(cfg).torch_threads,
+        faults=faults if faults.active else None,
+        speed=speed,
+        eval_local=train_spec(cfg).eval_clients,
     )
 
 
@@ -74,19 +90,25 @@ def run_experiment(
     """Run `train.rounds` rounds of the configured algorithm on the configured runtime.
 
     `group` and `name` label the run for trackers (a sweep's runs share a group); `started` is when the
-    job began (wall_s counts from it; default: when this process started). Returns None on MPI ranks
-    other than 0, which only serve rank 0.
+    job began (wall_s counts from it; default: when this process started). With `resume=PATH` the run
+    continues from that checkpoint's last complete round. Returns None on MPI ranks other than 0, which
+    only serve rank 0.
     """
     out_dir = Path(out_dir)
     train = train_spec(cfg)
+    faults = faults_spec(cfg)
+    resumed = _load_resume(cfg, train)
     runtime = build_runtime(runtime_spec(cfg))
     dataset = load_data(cfg)
     setup = build_setup(cfg, dataset)
-    weights = initial_weights(cfg.model.name, dataset, cfg.seed)
+    if resumed is None:
+        weights, version, first_round = initial_weights(cfg.model.name, dataset, cfg.seed), 0, 1
+    else:
+        weights, version, first_round = resumed["weights"], resumed["version"], resumed["round"] + 1
     torch.set_num_threads(setup.torch_threads)
     if not runtime.is_driver:  # an MPI rank other than 0: follow rank 0, write nothing
         try:
-            runtime.start(setup, weights)
+            runtime.start(setup, weights, version)
             runtime.serve()
         finally:
             runtime.close()
@@ -94,9 +116,11 @@ def run_experiment(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     sampler = CohortSampler(clients_spec(cfg), cfg.seed)
+    membership = Membership(clients_spec(cfg), faults.evict_after)
+    client_states: dict[int, Any] = {}
     tracker = RunTracker(out_dir, train.rounds, build_sinks(cfg, out_dir, group, name), started)
     log.info(
-        "%s on %s: %d clients (%s), %d per round, model %s, runtime %s",
+        "%s on %s: %d clients (%s), %d per round, model %s, runtime %s%s",
         cfg.algorithm.name,
         dataset.name,
         setup.partition.num_clients,
@@ -104,15 +128,49 @@ def run_experiment(
         cfg.clients.per_round,
         cfg.model.name,
         cfg.runtime.name,
+        "" if resumed is None else f", resumed from round {first_round - 1} of {cfg.resume}",
     )
     try:
-        runtime.start(setup, weights)
-        for round_idx in range(1, train.rounds + 1):
-            evaluate = round_idx % train.eval_every == 0 or round_idx == train.rounds
-            row, client_rows = play_round(
-                runtime, round_idx, sampler.cohort(round_idx), evaluate, weights.nbytes
+        runtime.start(setup, weights, version)
+        balancer = WorkloadBalancer(faults if faults.active else None, runtime.parallelism)
+        if resumed is not None:
+            membership.load_state_dict(resumed["membership"])
+            balancer.load_state_dict(resumed["balancer"])
+            client_states.update(resumed["client_states"])
+            tracker.restore(resumed["rows"], resumed["client_rows"])
+        for round_idx in range(first_round, train.rounds + 1):
+            cohort = sampler.cohort(round_idx, membership.eligible(round_idx))
+            plan = RoundPlan(
+                round_idx,
+                cohort,
+                balancer.work(cohort),
+                {c: client_states[c] for c in cohort if c in client_states},
             )
-            tracker.log_round(row, client_rows)
+            evaluate = round_idx % train.eval_every == 0 or round_idx == train.rounds
+            row, result = play_round(runtime, plan, evaluate, weights.nbytes)
+            client_states.update(result.client_states)
+            balancer.observe(result.client_metrics)
+            membership.observe(round_idx, result.client_metrics)
+            tracker.log_round(row, result.client_metrics)
+            due = train.checkpoint_every and round_idx % train.checkpoint_every == 0
+            if due or not result.quorum_met:
+                _checkpoint(out_dir, cfg, round_idx, runtime, client_states, balancer, membership, tracker)
+            if not result.quorum_met:
+                message = (
+                    f"round {round_idx}: only {row['clients'] + row['rejected']} of {len(cohort)} clients "
+                    f"answered, below faults.quorum={faults.quorum} (late {row['late']}, "
+                    f"failed {row['failed']}); the global model was not updated"
+                )
+                if faults.on_no_quorum == "fail":
+                    raise RunStopped(
+                        f"{message}. Checkpoint: {out_dir / FILENAME}; continue with resume={out_dir}, "
+                        "or set faults.on_no_quorum=skip"
+                    )
+                log.warning("%s; going on (faults.on_no_quorum=skip)", message)
+            if faults.crash_after_round == round_idx:
+                log.warning("faults.crash_after_round=%d: SIGKILL to this process", round_idx)
+                logging.shutdown()
+                os.kill(os.getpid(), signal.SIGKILL)
         weights = runtime.global_weights()
     finally:
         runtime.close()
@@ -130,24 +188,73 @@ def run_experiment(
     return RunResult(weights, tracker.rows, out_dir)
 
 
+def _load_resume(cfg: DictConfig, train: TrainSpec) -> dict | None:
+    """The checkpoint named by `resume=` (checked against this config), or None."""
+    location = cfg.get("resume")
+    if not location:
+        return None
+    state = load_checkpoint(location)
+    check_compatible(state["fingerprint"], fingerprint(OmegaConf.to_container(cfg, resolve=True)), location)
+    if state["round"] >= train.rounds:
+        raise ConfigError(
+            f"resume={location}: the checkpoint is at round {state['round']}; "
+            f"train.rounds={train.rounds} leaves nothing to do"
+        )
+    return state
+
+
+def _checkpoint(
+    out_dir: Path,
+    cfg: DictConfig,
+    round_idx: int,
+    runtime: Runtime,
+    client_states: dict[int, Any],
+    balancer: WorkloadBalancer,
+    membership: Membership,
+    tracker: RunTracker,
+) -> None:
+    """Everything a resumed run needs, after round `round_idx` (the sampler is seeded per round: no state)."""
+    weights = runtime.global_weights()
+    state = {
+        "round": round_idx,
+        "version": runtime.version,
+        "weights": weights,
+        "client_states": client_states,
+        "balancer": balancer.state_dict(),
+        "membership": membership.state_dict(),
+        "rows": tracker.rows,
+        "client_rows": tracker.client_rows,
+        "fingerprint": fingerprint(OmegaConf.to_container(cfg, resolve=True)),
+    }
+    save_checkpoint(out_dir / FILENAME, state)
+
+
 def play_round(
-    runtime: Runtime, round_idx: int, cohort: list[int], evaluate: bool, model_bytes: int
-) -> tuple[dict, list[dict]]:
-    """Run one round (and maybe evaluate); return its metrics row and the clients' rows."""
+    runtime: Runtime, plan: RoundPlan, evaluate: bool, model_bytes: int
+) -> tuple[dict, RoundResult]:
+    """Run one round (and maybe evaluate); return its metrics row and the round's result."""
     start = time.perf_counter()
-    result = runtime.run_round(round_idx, cohort)
+    result = runtime.run_round(plan)
     trained = time.perf_counter()
     evaluation = runtime.evaluate() if evaluate else None
     done = time.perf_counter()
-    losses = [m["train_loss"] for m in result.client_metrics if m["accepted"]]
+    accepted = [m for m in result.client_metrics if m["accepted"]]
+    losses = [m["train_loss"] for m in accepted]
+    local_accs = [m["local_acc"] for m in accepted if "local_acc" in m]
     train_s = trained - start
     row = {
-        "round": round_idx,
+        "round": plan.round_idx,
         "test_acc": "" if evaluation is None else round(evaluation.accuracy, 6),
         "test_loss": "" if evaluation is None else round(evaluation.loss, 6),
         "train_loss": round(float(np.mean(losses)), 6) if losses else float("nan"),
-        "clients": len(result.aggregated),
+        "clients": len(result.aggregated) if result.quorum_met else 0,
         "rejected": len(result.rejected),
+        "late": result.count("late") + result.count("cancelled"),
+        "failed": result.count("failed") + result.count("dropped"),
+        "retries": result.retries
+        + sum(max(0, int(m.get("attempts") or 1) - 1) for m in result.client_metrics),
+        "quorum": int(result.quorum_met),
+        "local_acc": round(float(np.mean(local_accs)), 6) if local_accs else "",
         "round_s": round(done - start, 4),
         "train_s": round(train_s, 4),
         "compute_s": round(result.compute_s, 4),
@@ -155,10 +262,10 @@ def play_round(
         "aggregate_s": round(result.aggregate_s, 4),
         "eval_s": round(done - trained, 4),
         # what FedAvg moves: the global model to each client, one update back from each
-        "bytes_down": model_bytes * len(cohort),
-        "bytes_up": model_bytes * len(result.client_metrics),
+        "bytes_down": model_bytes * len(plan.cohort),
+        "bytes_up": model_bytes * len(accepted) + model_bytes * len(result.rejected),
     }
-    return row, result.client_metrics
+    return row, result
 
 
 def build_sinks(cfg: DictConfig, out_dir: Path, group: str | None, name: str | None) -> list:

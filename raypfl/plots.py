@@ -52,7 +52,8 @@ def plot_client_losses(client_rows: list[dict], path: Path, max_clients: int = 5
     """Each client's local training loss over the rounds it took part in (first `max_clients` clients)."""
     curves: dict[int, list[tuple[int, float]]] = defaultdict(list)
     for row in client_rows:
-        curves[int(row["client"])].append((int(row["round"]), float(row["train_loss"])))
+        if row.get("train_loss") not in (None, ""):  # late, dropped and failed clients report no loss
+            curves[int(row["client"])].append((int(row["round"]), float(row["train_loss"])))
     fig, ax = plt.subplots(figsize=(7, 4))
     for client in sorted(curves)[:max_clients]:
         points = sorted(curves[client])
@@ -103,4 +104,30 @@ def plot_sweep(rows: list[dict], x_key: str, line_keys: list[str], path: Path) -
     if line_keys:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_client_timing(client_rows: list[dict], path: Path, max_clients: int = 30) -> Path:
+    """Per client and round: the work the balancer assigned, and the round-trip time (x: late/missing)."""
+    by_client: dict[int, list[dict]] = defaultdict(list)
+    for row in client_rows:
+        by_client[int(row["client"])].append(row)
+    fig, (ax_work, ax_rtt) = plt.subplots(1, 2, figsize=(11, 4))
+    for client in sorted(by_client)[:max_clients]:
+        rows = sorted(by_client[client], key=lambda r: int(r["round"]))
+        color = ax_work.plot([], [])[0].get_color()
+        worked = [r for r in rows if r.get("work") not in (None, "")]
+        ax_work.plot(
+            [int(r["round"]) for r in worked], [float(r["work"]) for r in worked], ".-", c=color, lw=0.8
+        )
+        answered = [r for r in rows if r.get("rtt_s") not in (None, "")]
+        missing = [r for r in rows if r.get("rtt_s") in (None, "")]
+        ax_rtt.plot(
+            [int(r["round"]) for r in answered], [float(r["rtt_s"]) for r in answered], ".-", c=color, lw=0.8
+        )
+        ax_rtt.plot([int(r["round"]) for r in missing], [0.0] * len(missing), "x", c=color)
+    ax_work.set(xlabel="round", ylabel="assigned local epochs / steps", title="Workload per client")
+    ax_rtt.set(xlabel="round", ylabel="round trip (s)", title="Round-trip time per client (x: late/missing)")
+    for ax in (ax_work, ax_rtt):
+        ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -11,6 +11,9 @@ SELECTION = 1
 CLIENT = 2
 PARTITION = 3
 DATA = 4
+FAULT = 5
+SPEED = 6
+KILL = 7
 
 
 def derive_seed(root: int, tag: int, *keys: int) -> int:

@@ -13,9 +13,16 @@ class CohortSampler:
         self.spec = spec
         self.seed = seed
 
-    def cohort(self, round_idx: int) -> list[int]:
+    def cohort(self, round_idx: int, eligible: list[int] | None = None) -> list[int]:
+        """The round's cohort: `per_round` clients (or all of `eligible`, if fewer are eligible).
+
+        The sampler keeps no state: each round's draw is seeded from (root seed, round), so a resumed
+        run draws exactly what the uninterrupted run would have.
+        """
         key = 0 if self.spec.selection == "fixed" else round_idx
-        chosen = seeding.rng(self.seed, seeding.SELECTION, key).choice(
-            self.spec.num, self.spec.per_round, replace=False
-        )
+        rng = seeding.rng(self.seed, seeding.SELECTION, key)
+        if eligible is None:
+            chosen = rng.choice(self.spec.num, self.spec.per_round, replace=False)
+        else:
+            chosen = rng.choice(eligible, min(self.spec.per_round, len(eligible)), replace=False)
         return sorted(int(c) for c in chosen)

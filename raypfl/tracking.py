@@ -21,6 +21,11 @@ METRIC_COLUMNS = [
     "train_loss",
     "clients",
     "rejected",
+    "late",
+    "failed",
+    "retries",
+    "quorum",
+    "local_acc",
     "round_s",
     "train_s",
     "compute_s",
@@ -31,7 +36,22 @@ METRIC_COLUMNS = [
     "bytes_down",
     "bytes_up",
 ]
-CLIENT_COLUMNS = ["round", "client", "samples", "train_loss", "train_acc", "steps", "accepted", "seconds"]
+CLIENT_COLUMNS = [
+    "round",
+    "client",
+    "status",  # ok | rejected (NaN/Inf) | late | dropped | failed | cancelled
+    "actor",
+    "work",  # local epochs or steps assigned by the load balancer ("" when not balancing)
+    "samples",
+    "train_loss",
+    "train_acc",
+    "local_acc",
+    "steps",
+    "accepted",
+    "attempts",
+    "seconds",  # the client's own training (+ straggler sleep) time
+    "rtt_s",  # weights sent -> update received, as the driver saw it
+]
 
 
 def process_start_time() -> float:
@@ -43,6 +63,14 @@ def process_start_time() -> float:
 
 class Sink(Protocol):
     """Somewhere else metrics go (W&B); the CSV files are always written."""
+
+    def restore(self, rows: list[dict], client_rows: list[dict]) -> None:
+        """Carry a resumed run's earlier rounds over, so its CSV files and plots cover the whole run."""
+        self.rows.extend(rows)
+        self.client_rows.extend(client_rows)
+        self.metrics.write(rows)
+        self.clients.write(client_rows)
+        self.progress.advance(len(rows))
 
     def log_round(self, row: dict, client_rows: list[dict]) -> None: ...
 
@@ -82,6 +110,10 @@ class _Progress:
             self.bar.set_postfix_str(description, refresh=False)
             self.bar.update(1)
 
+    def advance(self, rounds: int) -> None:
+        if self.bar is not None:
+            self.bar.update(rounds)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -109,6 +141,14 @@ class RunTracker:
     def wall_s(self) -> float:
         return time.time() - self.started
 
+    def restore(self, rows: list[dict], client_rows: list[dict]) -> None:
+        """Carry a resumed run's earlier rounds over, so its CSV files and plots cover the whole run."""
+        self.rows.extend(rows)
+        self.client_rows.extend(client_rows)
+        self.metrics.write(rows)
+        self.clients.write(client_rows)
+        self.progress.advance(len(rows))
+
     def log_round(self, row: dict, client_rows: list[dict]) -> None:
         row = {**row, "wall_s": round(self.wall_s(), 3)}
         self.rows.append(row)
@@ -119,8 +159,10 @@ class RunTracker:
             sink.log_round(row, client_rows)
         acc = "  n/a " if row["test_acc"] == "" else f"{100 * row['test_acc']:6.2f}%"
         loss = "  n/a " if row["test_loss"] == "" else f"{row['test_loss']:.4f}"
+        faults = "".join(f" | {row[k]} {k}" for k in ("rejected", "late", "failed", "retries") if row.get(k))
         log.info(
-            "round %*d/%d | test acc %s | test loss %s | train loss %.4f | %d clients | %.2f s | wall %.1f s",
+            "round %*d/%d | test acc %s | test loss %s | train loss %.4f | %d clients%s"
+            " | %.2f s | wall %.1f s",
             len(str(self.total_rounds)),
             row["round"],
             self.total_rounds,
@@ -128,6 +170,7 @@ class RunTracker:
             loss,
             row["train_loss"],
             row["clients"],
+            faults,
             row["round_s"],
             row["wall_s"],
         )
@@ -144,5 +187,7 @@ class RunTracker:
             plots.plot_time_breakdown(self.rows, self.out_dir / "time.png")
         if self.client_rows:
             plots.plot_client_losses(self.client_rows, self.out_dir / "clients.png")
+        if any(r.get("rtt_s") not in (None, "") for r in self.client_rows):
+            plots.plot_client_timing(self.client_rows, self.out_dir / "balance.png")
         for sink in self.sinks:
             sink.finish(self.out_dir, model_path)

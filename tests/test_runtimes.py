@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from raypfl.config import RuntimeSpec
 from raypfl.experiment import build_setup, initial_weights, load_data, run_experiment
+from raypfl.runtime.base import RoundPlan
 from raypfl.runtime.ray_runtime import RayRuntime
 from tests.conftest import TINY, make_config
 
@@ -56,20 +58,23 @@ def test_different_seed_gives_a_different_model(sequential_run, tmp_path):
     assert np.abs(other.weights - sequential_run.weights).max() > 1e-3
 
 
-def test_actors_return_one_partial_and_keep_client_state(ray_session, data_root):
+def test_actors_return_one_partial_and_client_states(ray_session, data_root):
     cfg = make_config(*TINY, "optim.persistent_state=true", "optim.momentum=0.9")
     setup = build_setup(cfg, load_data(cfg))
     runtime = RayRuntime(RuntimeSpec(num_actors=2))
     runtime.start(setup, initial_weights(cfg.model.name, setup.dataset, cfg.seed))
     try:
         weights_ref = runtime.server.pull.remote(0)
-        partial, metrics = ray_session.get(
-            runtime.actors[0].train_cohort.options(num_returns=2).remote(weights_ref, 1, [0, 2, 4])
+        partial, metrics, states = ray_session.get(
+            runtime.actors[0].train_cohort.options(num_returns=3).remote(weights_ref, 1, [0, 2, 4], None, {})
         )
         assert partial.clients == [0, 2, 4] and len(metrics) == 3  # one object for three clients
         assert partial.weight == sum(setup.partition.size(c) for c in (0, 2, 4))
-        runtime.run_round(2, [0, 1, 2, 3])  # stateful: clients stay on their home actor (c % 2)
-        counts = ray_session.get([a.num_clients_with_state.remote() for a in runtime.actors])
-        assert counts == [3, 2]  # actor 0 holds clients 0, 2, 4; actor 1 holds clients 1, 3
+        assert sorted(states) == [0, 2, 4]  # the driver keeps client state (it survives actor deaths)
+        assert all(m["status"] == "ok" for m in metrics)
+        result = runtime.run_round(RoundPlan(2, [0, 1, 2, 3], states={0: states[0], 2: states[2]}))
+        assert sorted(result.client_states) == [0, 1, 2, 3]
+        momentum = result.client_states[0]["state"][0]["momentum_buffer"]
+        assert not torch.equal(momentum, states[0]["state"][0]["momentum_buffer"])
     finally:
         runtime.close()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,6 +24,7 @@ class ClientContext:
     indices: np.ndarray
     generator: torch.Generator
     state: Any = None  # what client_update returned as state last time this client trained (None at first)
+    work: dict[str, Any] = field(default_factory=dict)  # train.* overrides for this client (load balancing)
 
 
 class Algorithm(Protocol):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,8 @@ class FedAvg:
         optimizer = make_optimizer(ctx.model.parameters(), self.optim)
         if self.stateful_clients and ctx.state is not None:
             optimizer.load_state_dict(ctx.state)
-        result = train_local(ctx.model, optimizer, ctx.x, ctx.y, ctx.indices, self.train, ctx.generator)
+        train = replace(self.train, **ctx.work) if ctx.work else self.train
+        result = train_local(ctx.model, optimizer, ctx.x, ctx.y, ctx.indices, train, ctx.generator)
         delta = get_flat(ctx.model) - global_weights
         weight = float(len(ctx.indices)) if self.weighting == "samples" else 1.0
         metrics = {

@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
+from raypfl.config import FaultsSpec
 from raypfl.runtime.setup import FederationSetup
+
+
+@dataclass
+class RoundPlan:
+    """What the driver asks of one round: who trains, how much, and from which client state."""
+
+    round_idx: int
+    cohort: list[int]
+    work: dict[int, dict[str, Any]] = field(default_factory=dict)  # client -> train.* overrides
+    states: dict[int, Any] = field(default_factory=dict)  # client -> its state (stateful algorithms)
 
 
 @dataclass
@@ -15,18 +26,39 @@ class RoundResult:
     """What one round produced, as the driver sees it."""
 
     version: int
-    client_metrics: list[dict[str, float]]
+    client_metrics: list[dict[str, Any]]
     aggregated: list[int] = field(default_factory=list)
     rejected: list[int] = field(default_factory=list)
     compute_s: float = 0.0  # the busiest worker's client-training seconds (the round's critical path)
     aggregate_s: float = 0.0  # seconds the server spent merging partials and applying the server update
+    quorum_met: bool = True
+    client_states: dict[int, Any] = field(default_factory=dict)  # new states of the clients that answered
 
     @classmethod
-    def from_workers(cls, version: int, per_worker: list[list[dict]], summary: dict) -> RoundResult:
+    def from_workers(
+        cls,
+        version: int,
+        per_worker: list[list[dict]],
+        summary: dict,
+        states: dict[int, Any] | None = None,
+    ) -> RoundResult:
         """Assemble a round from each worker's client metrics and the server's round summary."""
         metrics = sorted((m for part in per_worker for m in part), key=lambda m: m["client"])
         compute = max((sum(m["seconds"] for m in part) for part in per_worker), default=0.0)
-        return cls(version, metrics, summary["clients"], summary["rejected"], compute, summary["aggregate_s"])
+        return cls(
+            version,
+            metrics,
+            summary["clients"],
+            summary["rejected"],
+            compute,
+            summary["aggregate_s"],
+            summary.get("quorum_met", True),
+            states or {},
+        )
+
+    def count(self, status: str) -> int:
+        """How many of the cohort ended with `status` (ok, rejected, late, dropped, failed, cancelled)."""
+        return sum(1 for m in self.client_metrics if m.get("status") == status)
 
 
 @dataclass
@@ -40,11 +72,16 @@ class Runtime(Protocol):
     #: False on processes that only follow a driver (MPI ranks > 0): they call `serve()` instead of the loop.
     is_driver: bool
 
-    def start(self, setup: FederationSetup, initial_weights: np.ndarray) -> None:
-        """Build the workers and the parameter server."""
+    #: How many clients train at the same time (the workload balancer sizes work with it).
+    parallelism: int
+    #: The latest global model's version number.
+    version: int
 
-    def run_round(self, round_idx: int, cohort: list[int]) -> RoundResult:
-        """Train the cohort from the latest global weights and publish the next version."""
+    def start(self, setup: FederationSetup, initial_weights: np.ndarray, version: int = 0) -> None:
+        """Build the workers and the parameter server (holding `initial_weights` as `version`)."""
+
+    def run_round(self, plan: RoundPlan) -> RoundResult:
+        """Train the plan's cohort from the latest global weights and publish the next version."""
 
     def evaluate(self) -> Evaluation:
         """The latest global model on the test set."""
@@ -62,3 +99,8 @@ def combine_evaluations(parts: list[tuple[float, int, int]]) -> Evaluation:
     correct = sum(p[1] for p in parts)
     count = sum(p[2] for p in parts)
     return Evaluation(loss / max(count, 1), correct / max(count, 1), count)
+
+
+def quorum_for(faults: FaultsSpec | None, cohort_size: int) -> int:
+    """Answers a round of `cohort_size` needs (all of them without a faults spec)."""
+    return cohort_size if faults is None else faults.quorum_size(cohort_size)

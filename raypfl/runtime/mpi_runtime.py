@@ -20,7 +20,7 @@ import numpy as np
 from raypfl.aggregate import Aggregate
 from raypfl.config import RuntimeSpec
 from raypfl.errors import ConfigError
-from raypfl.runtime.base import Evaluation, RoundResult, combine_evaluations
+from raypfl.runtime.base import Evaluation, RoundPlan, RoundResult, combine_evaluations
 from raypfl.runtime.parameter_server import ParameterServer
 from raypfl.runtime.scheduling import assign_cohort, split_range
 from raypfl.runtime.setup import FederationSetup
@@ -62,27 +62,35 @@ class MPIRuntime:
         self.server: ParameterServer | None = None
         self.weights = np.empty(0, np.float32)
 
-    def start(self, setup: FederationSetup, initial_weights: np.ndarray) -> None:
+    parallelism = 1  # set to the number of ranks in start()
+
+    def start(self, setup: FederationSetup, initial_weights: np.ndarray, version: int = 0) -> None:
         if self.size > setup.partition.num_clients:
             raise ConfigError(
                 f"mpiexec -n {self.size} starts more ranks than clients.num={setup.partition.num_clients}: "
                 "use at most one rank per client"
             )
         self.worker = ClientWorker(setup)
+        self.parallelism = self.size
         self.sizes = [setup.partition.size(c) for c in range(setup.partition.num_clients)]
         self.sticky = setup.algorithm.stateful_clients
         self.test_ranges = split_range(len(setup.dataset.test_y), self.size)
         self.weights = np.array(initial_weights, dtype=np.float32)
         if self.is_driver or self.mode == "allgather":
-            self.server = ParameterServer(self.weights, setup.algorithm.server_update)
+            self.server = ParameterServer(self.weights, setup.algorithm.server_update, version=version)
         if self.is_driver:
             log.info("mpi runtime: %d ranks, mode %s", self.size, self.mode)
 
     # --- what the driver calls (rank 0) ---------------------------------------------------------------
 
-    def run_round(self, round_idx: int, cohort: list[int]) -> RoundResult:
-        self.comm.bcast(("round", round_idx, list(cohort)), root=0)
-        return self._round(round_idx, cohort)
+    def run_round(self, plan: RoundPlan) -> RoundResult:
+        self.comm.bcast(("round", plan.round_idx, list(plan.cohort)), root=0)
+        return self._round(plan.round_idx, plan.cohort)
+
+    @property
+    def version(self) -> int:
+        """The latest global model's version number."""
+        return self.server.latest
 
     def evaluate(self) -> Evaluation:
         self.comm.bcast(("evaluate",), root=0)
@@ -119,7 +127,7 @@ class MPIRuntime:
     def _round(self, round_idx: int, cohort: list[int]) -> RoundResult | None:
         self._sync_weights()
         mine = assign_cohort(cohort, [self.sizes[c] for c in cohort], self.size, self.sticky)[self.rank]
-        partial, metrics = self.worker.train_cohort(self.weights, round_idx, mine)
+        partial, metrics, _ = self.worker.train_cohort(self.weights, round_idx, mine)  # states stay here
         send = partial.total if partial.total is not None else np.zeros(self.weights.size, np.float64)
         meta = (partial.weight, partial.clients, partial.rejected, metrics)
         if self.mode == "server":
@@ -132,17 +140,17 @@ class MPIRuntime:
             received = np.empty((self.size, send.size), np.float64)
             self.comm.Allgather(send, received)
             metas = self.comm.allgather(meta)
-        version = self._aggregate(received, metas)
+        version = self._aggregate(received, metas, len(cohort))
         if self.mode == "allgather":
             self._check_replicas()
         if not self.is_driver:
             return None
         return RoundResult.from_workers(version, [m[3] for m in metas], self.server.round_summary())
 
-    def _aggregate(self, received: np.ndarray, metas: list[tuple]) -> int:
+    def _aggregate(self, received: np.ndarray, metas: list[tuple], cohort_size: int) -> int:
         """Push every rank's partial (in rank order) to this rank's parameter server; adopt the result."""
         version = self.server.latest
-        self.server.expect(version, self.size)
+        self.server.expect(version, self.size, cohort_size)
         for total, (weight, clients, rejected, _) in zip(received, metas):
             part = Aggregate(
                 total=total if weight > 0 else None, weight=weight, clients=clients, rejected=rejected

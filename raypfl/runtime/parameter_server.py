@@ -1,8 +1,11 @@
 """A parameter server with versioned global weights; the server half of the algorithm runs here.
 
-`expect(v, n)` opens round v for n pushes; `push(v, update)` adds a partial aggregate; when the n-th
-arrives, the server update is applied and version v+1 is published. Only the last `keep_versions`
-versions are kept. Used in-process by the sequential runtime and as a Ray actor by the Ray runtime.
+`expect(v, n, quorum)` opens round v for n pushes; `push(v, update)` adds a partial aggregate; when the
+n-th arrives (or the driver calls `close(v)` early, e.g. once a quorum answered), the server update is
+applied and version v+1 is published. If fewer than `quorum` clients answered, the round has no quorum and
+v+1 is the unchanged model. Pushes for a closed round are discarded and counted. Only the last
+`keep_versions` versions are kept. Used in-process by the sequential runtime and as a Ray actor by the
+Ray runtime.
 """
 
 from __future__ import annotations
@@ -28,24 +31,31 @@ class VersionEvicted(KeyError):
 class ParameterServer:
     """Versioned global weights with push/pull and a bounded history."""
 
-    def __init__(self, weights: np.ndarray, server_update: ServerUpdate, keep_versions: int = 2):
+    def __init__(
+        self, weights: np.ndarray, server_update: ServerUpdate, keep_versions: int = 2, version: int = 0
+    ):
         if keep_versions < 1:
             raise ValueError("keep_versions must be >= 1")
         self.server_update = server_update
         self.keep_versions = keep_versions
-        self.versions: OrderedDict[int, np.ndarray] = OrderedDict({0: np.asarray(weights, np.float32)})
-        self.latest = 0
-        self.rounds: dict[int, tuple[int, Aggregate]] = {}  # version -> (pushes expected, aggregate so far)
+        self.versions: OrderedDict[int, np.ndarray] = OrderedDict({version: np.asarray(weights, np.float32)})
+        self.latest = version
+        # version -> (pushes still expected, aggregate so far, answers needed for a quorum)
+        self.rounds: dict[int, tuple[int, Aggregate, int]] = {}
         self.last_aggregate: Aggregate | None = None
+        self.last_quorum_met = True
         self.stale_pushes = 0
         self.aggregate_s = 0.0  # seconds spent merging and updating in the last completed round
         self._round_aggregate_s = 0.0
 
-    def expect(self, version: int, num_pushes: int) -> None:
-        """Open the round that builds on `version`: it closes after `num_pushes` pushes."""
+    def expect(self, version: int, num_pushes: int, quorum: int = 0) -> None:
+        """Open the round that builds on `version`: it closes after `num_pushes` pushes (or `close`).
+
+        `quorum`: clients (accepted or rejected) that must have answered for the update to be applied.
+        """
         if version != self.latest:
             raise ValueError(f"cannot open a round on version {version}: latest is {self.latest}")
-        self.rounds[version] = (num_pushes, Aggregate())
+        self.rounds[version] = (num_pushes, Aggregate(), quorum)
 
     def push(self, version: int, update: Aggregate) -> bool:
         """Add an update computed from `version`; returns True if it completed the round."""
@@ -54,15 +64,35 @@ class ParameterServer:
             log.warning("discarded a push for version %d (latest is %d)", version, self.latest)
             return False
         start = time.perf_counter()
-        expected, aggregate = self.rounds[version]
+        expected, aggregate, quorum = self.rounds[version]
         aggregate.merge(update)
         if expected > 1:
-            self.rounds[version] = (expected - 1, aggregate)
+            self.rounds[version] = (expected - 1, aggregate, quorum)
             self._round_aggregate_s += time.perf_counter() - start
             return False
-        del self.rounds[version]
+        self._close(version, start)
+        return True
+
+    def close(self, version: int) -> dict[str, object]:
+        """Close the round on `version` with what has arrived; returns the round summary."""
+        if version in self.rounds:
+            self._close(version, time.perf_counter())
+        return self.round_summary()
+
+    def _close(self, version: int, start: float) -> None:
+        _, aggregate, quorum = self.rounds.pop(version)
         current = self.versions[version]
-        if aggregate.weight > 0:
+        answered = len(aggregate.clients) + len(aggregate.rejected)
+        self.last_quorum_met = answered >= quorum
+        if not self.last_quorum_met:
+            log.warning(
+                "round on version %d: %d answers < quorum %d; global model unchanged",
+                version,
+                answered,
+                quorum,
+            )
+            self._publish(current)
+        elif aggregate.weight > 0:
             self._publish(self.server_update(current, aggregate))
         else:  # every update was rejected: the global model stays as it was
             log.warning("round on version %d aggregated no update; global model unchanged", version)
@@ -70,7 +100,6 @@ class ParameterServer:
         self.last_aggregate = aggregate
         self.aggregate_s = self._round_aggregate_s + time.perf_counter() - start
         self._round_aggregate_s = 0.0
-        return True
 
     def _publish(self, weights: np.ndarray) -> None:
         self.latest += 1
@@ -96,10 +125,12 @@ class ParameterServer:
         """Who was aggregated and who was rejected in the last completed round."""
         agg = self.last_aggregate
         if agg is None:
-            return {"clients": [], "rejected": [], "weight": 0.0, "aggregate_s": 0.0}
+            return {"clients": [], "rejected": [], "weight": 0.0, "aggregate_s": 0.0, "quorum_met": True}
         return {
             "clients": list(agg.clients),
             "rejected": list(agg.rejected),
             "weight": agg.weight,
             "aggregate_s": self.aggregate_s,
+            "quorum_met": self.last_quorum_met,
+            "stale_pushes": self.stale_pushes,
         }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from raypfl.runtime.base import Evaluation, RoundResult, combine_evaluations
+from raypfl.runtime.base import Evaluation, RoundPlan, RoundResult, combine_evaluations, quorum_for
 from raypfl.runtime.parameter_server import ParameterServer
 from raypfl.runtime.setup import FederationSetup
 from raypfl.runtime.worker import ClientWorker
@@ -14,6 +14,7 @@ class SequentialRuntime:
     """Trains the cohort's clients one after another in this process."""
 
     is_driver = True
+    parallelism = 1
 
     def __init__(self, keep_versions: int = 2, rebuild_model: bool = False):
         self.keep_versions = keep_versions
@@ -21,16 +22,30 @@ class SequentialRuntime:
         self.worker: ClientWorker | None = None
         self.server: ParameterServer | None = None
 
-    def start(self, setup: FederationSetup, initial_weights: np.ndarray) -> None:
+    def start(self, setup: FederationSetup, initial_weights: np.ndarray, version: int = 0) -> None:
+        self.setup = setup
         self.worker = ClientWorker(setup, rebuild_model=self.rebuild_model)
-        self.server = ParameterServer(initial_weights, setup.algorithm.server_update, self.keep_versions)
+        self.server = ParameterServer(
+            initial_weights, setup.algorithm.server_update, self.keep_versions, version
+        )
 
-    def run_round(self, round_idx: int, cohort: list[int]) -> RoundResult:
+    def run_round(self, plan: RoundPlan) -> RoundResult:
         version, weights = self.server.pull_latest()
-        partial, metrics = self.worker.train_cohort(weights, round_idx, sorted(cohort))
-        self.server.expect(version, 1)
+        partial, metrics, states = self.worker.train_cohort(
+            weights, plan.round_idx, sorted(plan.cohort), plan.work, plan.states
+        )
+        elapsed = 0.0
+        for row in metrics:  # clients answer one after another: each waits for the ones before it
+            elapsed += row["seconds"]
+            row.update(actor=0, rtt_s=round(elapsed, 4))
+        self.server.expect(version, 1, quorum_for(self.setup.faults, len(plan.cohort)))
         self.server.push(version, partial)
-        return RoundResult.from_workers(self.server.latest, [metrics], self.server.round_summary())
+        return RoundResult.from_workers(self.server.latest, [metrics], self.server.round_summary(), states)
+
+    @property
+    def version(self) -> int:
+        """The latest global model's version number."""
+        return self.server.latest
 
     def evaluate(self) -> Evaluation:
         _, weights = self.server.pull_latest()

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from raypfl.algorithms.base import Algorithm
+from raypfl.config import FaultsSpec
 from raypfl.data.datasets import Dataset
 from raypfl.data.partitions import Partition
 
 
 @dataclass(frozen=True)
 class FederationSetup:
-    """Dataset (shared, read-only), partition (clients as index arrays), model, algorithm and root seed."""
+    """Dataset (shared, read-only), partition (clients as index arrays), model, algorithm, seed, faults."""
 
     dataset: Dataset
     partition: Partition
@@ -19,3 +22,6 @@ class FederationSetup:
     algorithm: Algorithm
     seed: int
     torch_threads: int = 1
+    faults: FaultsSpec | None = None  # injected faults and retry policy (None: none)
+    speed: np.ndarray | None = None  # per-client slowdown factors >= 1 (None: every client at full speed)
+    eval_local: bool = False  # test each client's local model after training (`train.eval_clients`)

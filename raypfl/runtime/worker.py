@@ -6,20 +6,26 @@ algorithm it runs, only that the algorithm has a client half.
 
 from __future__ import annotations
 
+import copy
+import logging
+import os
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from raypfl import seeding
-from raypfl.aggregate import Aggregate
+from raypfl.aggregate import Aggregate, ClientUpdate
 from raypfl.algorithms.base import ClientContext
 from raypfl.models import build_model
 from raypfl.runtime.setup import FederationSetup
 from raypfl.training import evaluate
 from raypfl.weights import set_flat
+
+log = logging.getLogger(__name__)
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -34,8 +40,39 @@ def client_seed(root: int, round_idx: int, client: int) -> int:
     return seeding.derive_seed(root, seeding.CLIENT, round_idx, client)
 
 
+class TransientClientError(RuntimeError):
+    """An injected, transient failure of a client's training (`faults.error_prob`); retried."""
+
+
+@dataclass
+class _Fate:
+    """What fault injection has in store for one client in one round (seeded, whoever trains it)."""
+
+    dropped: bool
+    corrupt: bool
+    failing_attempts: int  # the first this-many attempts raise
+
+
+def client_fate(setup: FederationSetup, round_idx: int, client: int) -> _Fate:
+    faults = setup.faults
+    if faults is None:
+        return _Fate(False, False, 0)
+    rng = seeding.rng(setup.seed, seeding.FAULT, round_idx, client)
+    dropped, corrupt, *errors = rng.random(3 + faults.max_retries)
+    failing = 0
+    while failing < len(errors) and errors[failing] < faults.error_prob:
+        failing += 1
+    return _Fate(bool(dropped < faults.drop_prob), bool(corrupt < faults.corrupt_prob), failing)
+
+
 class ClientWorker:
-    """Holds one model, a view of the training data and the state of the clients it trains."""
+    """Holds one model, a view of the training data and (on MPI) the state of the clients it trains.
+
+    Fault injection happens here, seeded per (round, client), so every runtime sees the same faults:
+    dropped clients never answer, corrupt ones send NaN, failing ones raise and are retried here with
+    backoff, and slow ones (`clients.speed`) sleep in proportion to their compute. A driver may cancel
+    a round (`cancel_round`) that closed without them: remaining clients and sleeps stop at once.
+    """
 
     def __init__(self, setup: FederationSetup, rebuild_model: bool = False):
         torch.set_num_threads(setup.torch_threads)
@@ -47,58 +84,151 @@ class ClientWorker:
         self.test_x, self.test_y = _tensor(data.test_x), _tensor(data.test_y)
         torch.manual_seed(setup.seed)  # weights are overwritten before use; this keeps init cheap and quiet
         self.model = self._new_model()
-        self.client_states: dict[int, Any] = {}
+        self.client_states: dict[int, Any] = {}  # used when the driver does not pass states (MPI ranks)
+        self.cancelled_round = 0
+        self.incarnation = os.getpid()
 
     def _new_model(self) -> torch.nn.Module:
         data = self.setup.dataset
         return build_model(self.setup.model_name, data.in_shape, data.num_classes)
 
+    def cancel_round(self, round_idx: int) -> None:
+        """Stop working on `round_idx` (it closed): queued clients are skipped, sleeping ones wake up."""
+        self.cancelled_round = max(self.cancelled_round, round_idx)
+
+    def _cancelled(self, round_idx: int) -> bool:
+        return self.cancelled_round >= round_idx
+
     def train_cohort(
-        self, global_weights: np.ndarray, round_idx: int, clients: list[int]
-    ) -> tuple[Aggregate, list[dict[str, float]]]:
-        """Train `clients` from `global_weights`; return their weighted partial sum and per-client metrics."""
+        self,
+        global_weights: np.ndarray,
+        round_idx: int,
+        clients: list[int],
+        work: dict[int, dict[str, Any]] | None = None,
+        states: dict[int, Any] | None = None,
+    ) -> tuple[Aggregate, list[dict[str, Any]], dict[int, Any]]:
+        """Train `clients` from `global_weights`.
+
+        Returns their weighted partial sum, per-client metrics (with a `status`: ok, rejected, dropped,
+        failed or cancelled) and, for stateful algorithms, the clients' new states. `work` overrides
+        `train.*` per client (load balancing); `states` are the clients' states kept by the driver
+        (None: this worker's own copies).
+        """
         partial = Aggregate()
-        metrics: list[dict[str, float]] = []
+        metrics: list[dict[str, Any]] = []
+        new_states: dict[int, Any] = {}
+        own_states = states is None
+        states = self.client_states if own_states else states
         for client in clients:
-            start = time.perf_counter()
-            seed = client_seed(self.setup.seed, round_idx, client)
-            if self.rebuild_model:
-                self.model = self._new_model()
-            torch.manual_seed(seed)  # dropout and any other torch randomness of this client
-            set_flat(self.model, global_weights)
-            ctx = ClientContext(
-                client=client,
-                round_idx=round_idx,
-                model=self.model,
-                x=self.x,
-                y=self.y,
-                indices=self.setup.partition.indices(client, round_idx),
-                generator=torch.Generator().manual_seed(seed),
-                state=self.client_states.get(client),
-            )
-            update, state = self.algorithm.client_update(ctx, global_weights)
-            if self.algorithm.stateful_clients:
-                self.client_states[client] = state
-            accepted = partial.add(update)
-            metrics.append(
-                {
-                    "round": round_idx,
-                    "client": client,
-                    **update.metrics,
-                    "accepted": accepted,
-                    "seconds": time.perf_counter() - start,
-                }
-            )
-        return partial, metrics
+            row = self._train_client(global_weights, round_idx, client, (work or {}).get(client), states)
+            update, state, row = row
+            if update is not None:
+                row["accepted"] = partial.add(update)
+                row["status"] = "ok" if row["accepted"] else "rejected"
+                if self.algorithm.stateful_clients:
+                    new_states[client] = state
+                    if own_states:
+                        self.client_states[client] = state
+            metrics.append(row)
+        return partial, metrics, ({} if own_states else new_states)
+
+    def _train_client(
+        self,
+        global_weights: np.ndarray,
+        round_idx: int,
+        client: int,
+        work: dict[str, Any] | None,
+        states: dict[int, Any],
+    ) -> tuple[ClientUpdate | None, Any, dict[str, Any]]:
+        start = time.perf_counter()
+        row: dict[str, Any] = {"round": round_idx, "client": client, "accepted": False, "attempts": 0}
+        row["work"] = next(iter(v for v in (work or {}).values() if v is not None), "")
+        fate = client_fate(self.setup, round_idx, client)
+        if self._cancelled(round_idx):
+            return None, None, {**row, "status": "cancelled", "seconds": 0.0}
+        if fate.dropped:
+            return None, None, {**row, "status": "dropped", "seconds": 0.0}
+        faults = self.setup.faults
+        retries = faults.max_retries if faults is not None else 0
+        update = state = None
+        for attempt in range(retries + 1):
+            row["attempts"] = attempt + 1
+            try:
+                if attempt < fate.failing_attempts:
+                    raise TransientClientError(f"injected error (round {round_idx}, attempt {attempt + 1})")
+                update, state = self._client_update(global_weights, round_idx, client, work, states)
+                break
+            except Exception as exc:  # a client's failure must not take the worker (or the round) down
+                injected = isinstance(exc, TransientClientError)
+                log.log(
+                    logging.INFO if injected else logging.WARNING,  # injected ones are counted, not shouted
+                    "client %d, round %d, attempt %d failed: %s",
+                    client,
+                    round_idx,
+                    attempt + 1,
+                    exc,
+                    exc_info=not injected,  # a real bug shows its traceback
+                )
+                if attempt == retries:
+                    return None, None, {**row, "status": "failed", "seconds": time.perf_counter() - start}
+                time.sleep(faults.retry_backoff_s * 2**attempt if faults is not None else 0.0)
+        compute = time.perf_counter() - start
+        if fate.corrupt:
+            update.vector = update.vector.copy()
+            update.vector[:: max(1, update.vector.size // 7)] = np.nan
+        if self.setup.eval_local:
+            loss, correct, count = evaluate(self.model, self.test_x, self.test_y)
+            update.metrics["local_acc"] = correct / max(count, 1)
+        if not self._slow_down(client, round_idx, compute):
+            return None, None, {**row, **update.metrics, "status": "cancelled", "seconds": compute}
+        return update, state, {**row, **update.metrics, "seconds": time.perf_counter() - start}
+
+    def _client_update(
+        self,
+        global_weights: np.ndarray,
+        round_idx: int,
+        client: int,
+        work: dict[str, Any] | None,
+        states: dict[int, Any],
+    ) -> tuple[ClientUpdate, Any]:
+        seed = client_seed(self.setup.seed, round_idx, client)
+        if self.rebuild_model:
+            self.model = self._new_model()
+        torch.manual_seed(seed)  # dropout and any other torch randomness of this client
+        set_flat(self.model, global_weights)
+        state = states.get(client)
+        ctx = ClientContext(
+            client=client,
+            round_idx=round_idx,
+            model=self.model,
+            x=self.x,
+            y=self.y,
+            indices=self.setup.partition.indices(client, round_idx),
+            generator=torch.Generator().manual_seed(seed),
+            state=copy.deepcopy(state) if state is not None else None,  # a failed attempt must not touch it
+            work=work or {},
+        )
+        return self.algorithm.client_update(ctx, global_weights)
+
+    def _slow_down(self, client: int, round_idx: int, compute_s: float) -> bool:
+        """Sleep `(speed factor - 1) * compute` for a slow client; False if the round was cancelled."""
+        if self.setup.speed is None:
+            return True
+        wake = time.perf_counter() + max(0.0, float(self.setup.speed[client]) - 1.0) * compute_s
+        while (left := wake - time.perf_counter()) > 0:
+            if self._cancelled(round_idx):
+                return False
+            time.sleep(min(left, 0.05))
+        return not self._cancelled(round_idx)
 
     def evaluate(self, weights: np.ndarray, start: int, stop: int) -> tuple[float, int, int]:
         """(summed loss, correct, count) of `weights` on test samples [start, stop)."""
         set_flat(self.model, weights)
         return evaluate(self.model, self.test_x[start:stop], self.test_y[start:stop])
 
-    def ready(self) -> bool:
-        """Answers once the worker is built (data mapped, model made)."""
-        return True
+    def ready(self) -> int:
+        """Answers once the worker is built (data mapped, model made): its incarnation (process id)."""
+        return self.incarnation
 
     def num_clients_with_state(self) -> int:
         return len(self.client_states)
