@@ -251,8 +251,7 @@ def play_round(
         "rejected": len(result.rejected),
         "late": result.count("late") + result.count("cancelled"),
         "failed": result.count("failed") + result.count("dropped"),
-        "retries": result.retries
-        + sum(max(0, int(m.get("attempts") or 1) - 1) for m in result.client_metrics),
+        "retries": sum(max(0, int(m.get("attempts") or 1) - 1) for m in result.client_metrics),
         "quorum": int(result.quorum_met),
         "local_acc": round(float(np.mean(local_accs)), 6) if local_accs else "",
         "round_s": round(done - start, 4),

@@ -32,6 +32,17 @@ def test_shipped_default_config_is_valid():
         (["clients.selection=greedy"], "clients.selection=greedy"),
         (["+optim.lrr=0.1"], "unknown key optim.lrr"),
         (["algorithm.weighting=median"], "algorithm.weighting=median"),
+        (["faults.quorum=0"], "faults.quorum=0 must be in (0, 1]"),
+        (["faults.quorum=0.5", "runtime=sequential"], "faults.quorum needs runtime=ray"),
+        (["faults.round_timeout_s=5", "runtime=sequential"], "faults.round_timeout_s needs runtime=ray"),
+        (["faults.balance=fastest"], "faults.balance=fastest must be one of none, aimd, steps"),
+        (["faults.drop_prob=1.5"], "faults.drop_prob=1.5 must be in [0, 1)"),
+        (["faults.on_no_quorum=retry"], "faults.on_no_quorum=retry"),
+        (["faults.kill_at_round=2"], "faults.kill_count=0 must be an integer > 0"),
+        (["+faults.quorom=0.5"], "unknown key faults.quorom"),
+        (["clients.speed=gamma"], "clients.speed=gamma"),
+        (["clients.join_schedule={2: 4}"], "clients.join_schedule must let at least one client join"),
+        (["faults.drop_prob=0.1", "runtime=mpi"], "not supported on runtime=mpi"),
     ],
 )
 def test_bad_config_names_the_key(overrides, expected):

@@ -69,3 +69,38 @@ def test_cannot_open_a_round_on_an_old_version():
     ps.push(0, partial((0, 1.0, 1.0)))
     with pytest.raises(ValueError, match="latest is 1"):
         ps.expect(0, 1)
+
+
+def test_quorum_close_publishes_what_arrived_and_discards_late_pushes():
+    ps = ParameterServer(np.zeros(3, np.float32), mean_update)
+    ps.expect(0, 3, quorum=2)
+    ps.push(0, partial((0, 1.0, 1.0)))
+    ps.push(0, partial((1, 3.0, 1.0)))
+    summary = ps.close(0)  # the driver closes the round once 2 of 3 answered
+    assert summary["quorum_met"] and summary["clients"] == [0, 1]
+    np.testing.assert_allclose(ps.pull_latest()[1], 2.0)
+    assert ps.push(0, partial((2, 100.0, 1.0))) is False  # the straggler's update arrives too late
+    assert ps.stale_pushes == 1 and ps.latest == 1
+    np.testing.assert_allclose(ps.pull_latest()[1], 2.0)
+
+
+def test_round_without_quorum_keeps_the_model():
+    ps = ParameterServer(np.ones(3, np.float32), mean_update)
+    ps.expect(0, 3, quorum=3)
+    ps.push(0, partial((0, 5.0, 1.0)))
+    summary = ps.close(0)
+    assert summary["quorum_met"] is False and ps.latest == 1
+    np.testing.assert_allclose(ps.pull_latest()[1], 1.0)  # unchanged
+
+
+def test_rejected_updates_count_as_answers_but_are_never_averaged():
+    ps = ParameterServer(np.zeros(3, np.float32), mean_update)
+    ps.expect(0, 2, quorum=2)
+    bad = Aggregate()
+    assert bad.add(ClientUpdate(7, np.array([np.nan, 1.0, np.inf], np.float32), 1.0)) is False
+    ps.push(0, bad)
+    ps.push(0, partial((1, 2.0, 1.0)))
+    summary = ps.round_summary()
+    assert summary["quorum_met"] and summary["rejected"] == [7] and summary["clients"] == [1]
+    assert np.isfinite(ps.pull_latest()[1]).all()
+    np.testing.assert_allclose(ps.pull_latest()[1], 2.0)
