@@ -266,7 +266,10 @@ def _validate_faults(faults: FaultsSpec, runtime: RuntimeSpec, train: TrainSpec)
         _positive_int(faults.evict_after, "faults.evict_after")
     if faults.kill_at_round is not None:
         _positive_int(faults.kill_at_round, "faults.kill_at_round")
-        _positive_int(faults.kill_count, "faults.kill_count")
+        _require(
+            isinstance(faults.kill_count, int) and faults.kill_count >= 0,
+            f"faults.kill_count={faults.kill_count} must be an integer >= 0",
+        )
     if faults.crash_after_round is not None:
         _positive_int(faults.crash_after_round, "faults.crash_after_round")
     ray_only = [

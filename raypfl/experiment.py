@@ -157,7 +157,7 @@ def run_experiment(
                 _checkpoint(out_dir, cfg, round_idx, runtime, client_states, balancer, membership, tracker)
             if not result.quorum_met:
                 message = (
-                    f"round {round_idx}: only {row['clients'] + row['rejected']} of {len(cohort)} clients "
+                    f"round {round_idx}: only {row['answered']} of {len(cohort)} clients "
                     f"answered, below faults.quorum={faults.quorum} (late {row['late']}, "
                     f"failed {row['failed']}); the global model was not updated"
                 )
@@ -247,7 +247,8 @@ def play_round(
         "test_acc": "" if evaluation is None else round(evaluation.accuracy, 6),
         "test_loss": "" if evaluation is None else round(evaluation.loss, 6),
         "train_loss": round(float(np.mean(losses)), 6) if losses else float("nan"),
-        "clients": len(result.aggregated) if result.quorum_met else 0,
+        "clients": len(result.aggregated) if result.quorum_met else 0,  # updates averaged into the model
+        "answered": len(result.aggregated) + len(result.rejected),
         "rejected": len(result.rejected),
         "late": result.count("late") + result.count("cancelled"),
         "failed": result.count("failed") + result.count("dropped"),

@@ -19,7 +19,7 @@ TIME_PARTS = [
 ]
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     for ax in fig.axes:
         if ax.get_xlabel() == "round":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -45,7 +45,7 @@ def plot_metrics(rows: list[dict], path: Path) -> Path:
     ax_loss.legend()
     for ax in (ax_acc, ax_loss):
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_client_losses(client_rows: list[dict], path: Path, max_clients: int = 50) -> Path:
@@ -61,7 +61,7 @@ def plot_client_losses(client_rows: list[dict], path: Path, max_clients: int = 5
     shown = min(len(curves), max_clients)
     ax.set(xlabel="round", ylabel="local training loss", title=f"Per-client training loss ({shown} clients)")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_time_breakdown(rows: list[dict], path: Path) -> Path:
@@ -75,7 +75,7 @@ def plot_time_breakdown(rows: list[dict], path: Path) -> Path:
         bottom = [b + v for b, v in zip(bottom, values)]
     ax.set(xlabel="round", ylabel="seconds", title="Where each round's time goes")
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _sort_key(value: object) -> tuple:
@@ -104,7 +104,7 @@ def plot_sweep(rows: list[dict], x_key: str, line_keys: list[str], path: Path) -
     if line_keys:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_client_timing(client_rows: list[dict], path: Path, max_clients: int = 30) -> Path:
@@ -130,4 +130,4 @@ def plot_client_timing(client_rows: list[dict], path: Path, max_clients: int = 3
     ax_rtt.set(xlabel="round", ylabel="round trip (s)", title="Round-trip time per client (x: late/missing)")
     for ax in (ax_work, ax_rtt):
         ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -20,6 +20,7 @@ METRIC_COLUMNS = [
     "test_loss",
     "train_loss",
     "clients",
+    "answered",
     "rejected",
     "late",
     "failed",

@@ -66,7 +66,10 @@ class WandbSink:
     def log_round(self, row: dict, client_rows: list[dict]) -> None:
         metrics = {k: row[k] for k in ROUND_KEYS if k in row and row[k] != ""}
         self.run.log(metrics, step=int(row["round"]))
-        self.table_rows.extend([[c[k] for k in CLIENT_COLUMNS] for c in client_rows])
+        # missing values (late clients have no loss, unbalanced runs no work) are None, not "", for W&B's types
+        self.table_rows.extend(
+            [[None if c.get(k, "") == "" else c[k] for k in CLIENT_COLUMNS] for c in client_rows]
+        )
 
     def finish(self, out_dir: Path, model_path: Path | None) -> None:
         import wandb

@@ -38,7 +38,7 @@ def test_shipped_default_config_is_valid():
         (["faults.balance=fastest"], "faults.balance=fastest must be one of none, aimd, steps"),
         (["faults.drop_prob=1.5"], "faults.drop_prob=1.5 must be in [0, 1)"),
         (["faults.on_no_quorum=retry"], "faults.on_no_quorum=retry"),
-        (["faults.kill_at_round=2"], "faults.kill_count=0 must be an integer > 0"),
+        (["faults.kill_at_round=2", "faults.kill_count=-1"], "faults.kill_count=-1 must be an integer >= 0"),
         (["+faults.quorom=0.5"], "unknown key faults.quorom"),
         (["clients.speed=gamma"], "clients.speed=gamma"),
         (["clients.join_schedule={2: 4}"], "clients.join_schedule must let at least one client join"),

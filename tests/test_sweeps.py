@@ -35,6 +35,13 @@ def sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+#: What a 1-round smoke run of an experiment must shrink besides the data (sizes that no longer fit).
+SHRINK = {
+    "fault_dynamic": ["partition.max_size=200"],
+    "fault_kill": ["runtime.num_actors=2", "runtime.cpus_per_actor=1"],
+}
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_config_composes_and_runs_one_round(name, tmp_path, data_root, ray_session):
     cfg = make_config(
@@ -44,6 +51,7 @@ def test_every_experiment_config_composes_and_runs_one_round(name, tmp_path, dat
         "clients.per_round=2",
         "dataset.train_limit=1000",
         "dataset.test_limit=200",
+        *SHRINK.get(name, []),
     )
     validate(cfg)
     result = run_experiment(cfg, tmp_path)
