@@ -66,7 +66,7 @@ class WandbSink:
     def log_round(self, row: dict, client_rows: list[dict]) -> None:
         metrics = {k: row[k] for k in ROUND_KEYS if k in row and row[k] != ""}
         self.run.log(metrics, step=int(row["round"]))
-        # missing values (late clients have no loss, unbalanced runs no work) are None, not "", for W&B's types
+        # missing values (late clients have no loss, unbalanced runs no work): None, not "", for W&B types
         self.table_rows.extend(
             [[None if c.get(k, "") == "" else c[k] for k in CLIENT_COLUMNS] for c in client_rows]
         )
