@@ -71,6 +71,20 @@ def test_no_quorum_stops_with_a_checkpoint_or_skips(tmp_path):
     assert all(r["clients"] == 0 for r in run.rounds)
 
 
+def test_no_quorum_exits_with_code_3(tmp_path, data_root):
+    proc = subprocess.run(
+        [sys.executable, "-m", "raypfl", *SEQ, "faults.drop_prob=0.5", f"hydra.run.dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=os.environ,
+    )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "error: round 1: only" in proc.stderr and f"resume={tmp_path}" in proc.stderr
+    assert (tmp_path / FILENAME).exists()
+
+
 def test_lognormal_speeds_slow_clients_for_real(tmp_path):
     run_experiment(
         make_config(*SEQ, "clients.speed=lognormal", "clients.speed_sigma=1.5", "train.rounds=1"), tmp_path

@@ -79,6 +79,7 @@ class RayRuntime:
         self.sticky = False
         self.setup: FederationSetup | None = None
         self.tolerant = None  # a TolerantRounds when faults are configured
+        self._setup_ref = None
         self._weights: tuple[int, object] | None = None  # (version, ObjectRef) of the latest global weights
 
     @property
@@ -89,7 +90,9 @@ class RayRuntime:
         self.started_ray = start_ray(self.spec)
         self.setup = setup
         num_actors = pool_size(self.spec)
-        setup_ref = ray.put(setup)  # dataset arrays go into the object store once; actors read them zero-copy
+        # dataset arrays go into the object store once; actors read them zero-copy. The runtime holds the
+        # reference for its whole life: a restarted actor (faults) is rebuilt from it.
+        self._setup_ref = setup_ref = ray.put(setup)
         faulty = setup.faults is not None and setup.faults.active
         actor_cls = ClientActor.options(
             num_cpus=self.spec.cpus_per_actor,
@@ -181,6 +184,7 @@ class RayRuntime:
         if self.server is not None:
             ray.kill(self.server)
         self.actors, self.server, self._weights, self.tolerant = [], None, None, None
+        self._setup_ref = None
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False
