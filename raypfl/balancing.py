@@ -62,3 +62,8 @@ class WorkloadBalancer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epochs = dict(state["epochs"])
         self.step_seconds = dict(state["step_seconds"])
+
+
+def work_amount(work: dict[str, Any] | None) -> int | str:
+    """The assigned local epochs or steps in a work override, for clients.csv ("" when not balancing)."""
+    return next((v for v in (work or {}).values() if v is not None), "")

@@ -65,14 +65,6 @@ def process_start_time() -> float:
 class Sink(Protocol):
     """Somewhere else metrics go (W&B); the CSV files are always written."""
 
-    def restore(self, rows: list[dict], client_rows: list[dict]) -> None:
-        """Carry a resumed run's earlier rounds over, so its CSV files and plots cover the whole run."""
-        self.rows.extend(rows)
-        self.client_rows.extend(client_rows)
-        self.metrics.write(rows)
-        self.clients.write(client_rows)
-        self.progress.advance(len(rows))
-
     def log_round(self, row: dict, client_rows: list[dict]) -> None: ...
 
     def finish(self, out_dir: Path, model_path: Path | None) -> None: ...

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import csv
-import os
 import pickle
 import signal
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +17,8 @@ from raypfl.errors import ConfigError, RunStopped
 from raypfl.experiment import run_experiment
 from raypfl.membership import Membership
 from raypfl.selection import CohortSampler
-from tests.conftest import REPO, TINY, make_config
+from tests.conftest import TINY, make_config
+from tests.test_cli import run_cli
 
 SEQ = [*TINY, "runtime=sequential"]
 
@@ -72,14 +70,7 @@ def test_no_quorum_stops_with_a_checkpoint_or_skips(tmp_path):
 
 
 def test_no_quorum_exits_with_code_3(tmp_path, data_root):
-    proc = subprocess.run(
-        [sys.executable, "-m", "raypfl", *SEQ, "faults.drop_prob=0.5", f"hydra.run.dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env=os.environ,
-    )
+    proc = run_cli(*SEQ, "faults.drop_prob=0.5", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "error: round 1: only" in proc.stderr and f"resume={tmp_path}" in proc.stderr
     assert (tmp_path / FILENAME).exists()
@@ -171,14 +162,7 @@ def test_resume_refuses_a_different_experiment(tmp_path):
 def test_sigkill_after_round_3_and_resume_gives_the_uninterrupted_model(tmp_path, data_root):
     args = [*SEQ, "train.rounds=6", "optim.persistent_state=true", "optim.momentum=0.5"]
     killed = tmp_path / "killed"
-    proc = subprocess.run(
-        [sys.executable, "-m", "raypfl", *args, "faults.crash_after_round=3", f"hydra.run.dir={killed}"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env=os.environ,
-    )
+    proc = run_cli(*args, "faults.crash_after_round=3", f"hydra.run.dir={killed}")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert load_checkpoint(killed)["round"] == 3 and not (killed / "model.pt").exists()
     resumed = run_experiment(make_config(*args, f"resume={killed}"), tmp_path / "resumed")

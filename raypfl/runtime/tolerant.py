@@ -23,6 +23,7 @@ import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError
 
 from raypfl import seeding
+from raypfl.balancing import work_amount
 from raypfl.errors import RunStopped
 from raypfl.runtime.base import Evaluation, RoundPlan, RoundResult, combine_evaluations
 from raypfl.runtime.scheduling import assign_cohort, split_range
@@ -193,7 +194,6 @@ class TolerantRounds:
             load[actor] = load.get(actor, 0) + 1
 
         def unanswered(client: int, status: str, actor: int | None, attempts: int) -> dict:
-            work = plan.work.get(client) or {}
             return {
                 "round": r,
                 "client": client,
@@ -201,7 +201,7 @@ class TolerantRounds:
                 "accepted": False,
                 "actor": "" if actor is None else actor,
                 "attempts": attempts,
-                "work": next((v for v in work.values() if v is not None), ""),
+                "work": work_amount(plan.work.get(client)),
                 "seconds": 0.0,
             }
 

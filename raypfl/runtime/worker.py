@@ -20,6 +20,7 @@ import torch
 from raypfl import seeding
 from raypfl.aggregate import Aggregate, ClientUpdate
 from raypfl.algorithms.base import ClientContext
+from raypfl.balancing import work_amount
 from raypfl.models import build_model
 from raypfl.runtime.setup import FederationSetup
 from raypfl.training import evaluate
@@ -120,12 +121,15 @@ class ClientWorker:
         own_states = states is None
         states = self.client_states if own_states else states
         for client in clients:
-            row = self._train_client(global_weights, round_idx, client, (work or {}).get(client), states)
-            update, state, row = row
+            update, state, row = self._train_client(
+                global_weights, round_idx, client, (work or {}).get(client), states
+            )
             if update is not None:
                 row["accepted"] = partial.add(update)
                 row["status"] = "ok" if row["accepted"] else "rejected"
-                if self.algorithm.stateful_clients:
+                if (
+                    self.algorithm.stateful_clients and row["accepted"]
+                ):  # a rejected update's state is not kept
                     new_states[client] = state
                     if own_states:
                         self.client_states[client] = state
@@ -142,7 +146,7 @@ class ClientWorker:
     ) -> tuple[ClientUpdate | None, Any, dict[str, Any]]:
         start = time.perf_counter()
         row: dict[str, Any] = {"round": round_idx, "client": client, "accepted": False, "attempts": 0}
-        row["work"] = next(iter(v for v in (work or {}).values() if v is not None), "")
+        row["work"] = work_amount(work)
         fate = client_fate(self.setup, round_idx, client)
         if self._cancelled(round_idx):
             return None, None, {**row, "status": "cancelled", "seconds": 0.0}
