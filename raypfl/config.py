@@ -44,7 +44,7 @@ class TrainSpec:
     local_steps: int | None = None
     batch_size: int = 10
     eval_every: int = 1
-    eval_clients: bool = False  # also test each client's local model (the "mean local accuracy" metric)
+    eval_clients: int = 0  # test each client's local model on the first N test images (0: off)
     checkpoint_every: int = 1  # write checkpoint.pkl every N rounds (0: never)
 
 
@@ -211,6 +211,12 @@ def validate(cfg: DictConfig) -> None:
     _positive_int(train.rounds, "train.rounds")
     _positive_int(train.batch_size, "train.batch_size")
     _positive_int(train.eval_every, "train.eval_every")
+    _require(
+        isinstance(train.eval_clients, int)
+        and not isinstance(train.eval_clients, bool)
+        and train.eval_clients >= 0,
+        f"train.eval_clients={train.eval_clients} must be a number of test images >= 0 (0: off)",
+    )
     _require(
         isinstance(train.checkpoint_every, int) and train.checkpoint_every >= 0,
         f"train.checkpoint_every={train.checkpoint_every} must be an integer >= 0",

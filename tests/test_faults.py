@@ -236,3 +236,22 @@ def test_quorum_closes_the_round_without_stragglers(ray_session, tmp_path):
             assert work[("2", r["client"])] == (3 if r["status"] == "ok" else 1)
     assert (tmp_path / "balance.png").stat().st_size > 10_000
     assert all(torch.isfinite(t).all() for t in torch.load(tmp_path / "model.pt").values())
+
+
+def test_deadline_closes_the_round_and_cancels_stragglers(ray_session, tmp_path):
+    cfg = make_config(
+        *TINY,
+        "runtime.num_actors=2",
+        "train.rounds=1",
+        "clients.speed=lognormal",
+        "clients.speed_sigma=4.0",  # some clients are slowed 100x or more
+        "faults.round_timeout_s=2.0",
+        "faults.on_no_quorum=skip",
+    )
+    run = run_experiment(cfg, tmp_path)
+    [row] = run.rounds
+    assert row["late"] > 0 and row["quorum"] == 0 and row["clients"] == 0  # quorum 1.0 missed at the deadline
+    # the round ended at the deadline, not when the slowest client would have finished
+    assert 2.0 <= row["train_s"] < 6.0
+    late = [r for r in client_rows(tmp_path) if r["status"] == "late"]
+    assert late and all(r["rtt_s"] == "" for r in late)

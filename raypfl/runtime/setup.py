@@ -24,4 +24,4 @@ class FederationSetup:
     torch_threads: int = 1
     faults: FaultsSpec | None = None  # injected faults and retry policy (None: none)
     speed: np.ndarray | None = None  # per-client slowdown factors >= 1 (None: every client at full speed)
-    eval_local: bool = False  # test each client's local model after training (`train.eval_clients`)
+    eval_local: int = 0  # test each client's local model on this many test images (`train.eval_clients`)
