@@ -19,6 +19,7 @@ from pathlib import Path
 from hydra.core.utils import JobReturn
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
+from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig
 
 from raypfl.plots import plt, save_figure
@@ -144,6 +145,8 @@ def kill(path: Path) -> tuple[list[dict], Callable]:
             float(r["round_s"]) for r in rows if int(r["round"]) < at
         ]
         after = [float(r["round_s"]) for r in rows if int(r["round"]) > at]
+        last = rows[-1]["round"]
+        selected_last = sum(1 for c in _rows(job, "clients.csv") if c["round"] == last)
         table.append(
             {
                 "killed": int(overrides.get("faults.kill_count", 0)),
@@ -153,7 +156,7 @@ def kill(path: Path) -> tuple[list[dict], Callable]:
                 "quorum_at_kill": ("yes" if hit["quorum"] == "1" else "NO") if hit else "",
                 "round_s_before": _median(before),
                 "round_s_after": _median(after),
-                "workers_after": int(rows[-1]["clients"]),
+                "workers_after": selected_last,  # still selected in the last round (the dead were evicted)
                 "global_acc": _final(rows, "test_acc"),
             }
         )
@@ -199,8 +202,9 @@ def write_tables(kind: str, path: Path) -> list[dict]:
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     plot(*axes)
-    for ax in axes:
+    for ax in axes:  # every x here counts something: workers, rounds
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     save_figure(fig, stem.with_suffix(".png"))
     log.info("fault_%s table:\n%s\nwrote %s.{md,csv,png}", kind, "\n".join(lines), stem)
     return table

@@ -44,18 +44,18 @@ def test_fault_kill_finds_where_quorum_fails(tmp_path, data_root):
         *TINY_DATA,
         "clients.num=4",
         "clients.per_round=4",
-        "runtime.num_actors=4",
-        "runtime.cpus_per_actor=0.5",
+        "runtime.num_actors=2",  # two clients per actor: losing one actor loses two clients
+        "runtime.cpus_per_actor=1",
         "runtime.num_cpus=2",
         "train.rounds=3",
-        "faults.kill_count=0,2",
+        "faults.kill_count=0,1",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = {int(r["killed"]): r for r in read(tmp_path / "fault_kill.csv")}
     assert table[0]["quorum_at_kill"] == "yes" and int(table[0]["answered_at_kill"]) >= 3  # closes at 3 of 4
-    # 2 of 4 workers killed: 2 answers < ceil(0.75 x 4) = 3, so round 2 has no quorum; the dead are evicted
-    assert table[2]["quorum_at_kill"] == "NO" and table[2]["answered_at_kill"] == "2"
-    assert table[2]["workers_after"] == "2"
+    # 1 of 2 actors killed with its 2 clients: 2 answers < ceil(0.75 x 4) = 3, no quorum; the dead are evicted
+    assert table[1]["quorum_at_kill"] == "NO" and table[1]["answered_at_kill"] == "2"
+    assert table[1]["workers_after"] == "2"
     assert (tmp_path / "fault_kill.png").stat().st_size > 10_000
 
 

@@ -91,7 +91,8 @@ class RayRuntime:
         self.setup = setup
         num_actors = pool_size(self.spec)
         # dataset arrays go into the object store once; actors read them zero-copy. The runtime holds the
-        # reference for its whole life: a restarted actor (faults) is rebuilt from it.
+        # reference for its whole life: a restarted actor (faults) is rebuilt from it. (Ray still logs a
+        # core_worker warning about object-store arguments of restartable actors; holding the ref is its fix.)
         self._setup_ref = setup_ref = ray.put(setup)
         faulty = setup.faults is not None and setup.faults.active
         actor_cls = ClientActor.options(
