@@ -211,7 +211,9 @@ class TolerantRounds:
             else:
                 submit(client, actor, 0)
 
-        answered, killed = 0, False
+        if r == faults.kill_at_round:  # while the work just sent is in flight
+            self._kill(r)
+        answered = 0
         states: dict[int, Any] = {}
         pushes = []
         while pending and answered < need:
@@ -257,9 +259,6 @@ class TolerantRounds:
                 pushes.append(rt.server.push.remote(version, call.partial_ref))
                 if rt.sticky and row["status"] == "ok":
                     states.update(ray.get(call.states_ref))
-            if r == faults.kill_at_round and not killed:
-                killed = True
-                self._kill(r)
 
         if answered < need and not pending and deadline is not None:
             # silent clients look like slow ones: the server cannot tell until the deadline
