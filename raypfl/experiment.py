@@ -8,7 +8,6 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -16,18 +15,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from raypfl import seeding
 from raypfl.algorithms import build_algorithm
-from raypfl.balancing import WorkloadBalancer
 from raypfl.checkpoint import FILENAME, check_compatible, fingerprint, load_checkpoint, save_checkpoint
-from raypfl.config import TrainSpec, clients_spec, faults_spec, runtime_spec, train_spec
+from raypfl.config import FaultsSpec, TrainSpec, clients_spec, faults_spec, runtime_spec, train_spec
 from raypfl.data.datasets import Dataset, load_dataset
 from raypfl.data.partitions import build_partition
 from raypfl.errors import ConfigError, RunStopped
-from raypfl.membership import Membership
 from raypfl.models import build_model
+from raypfl.planning import RoundPlanner
 from raypfl.runtime import Runtime, build_runtime
 from raypfl.runtime.base import RoundPlan, RoundResult
 from raypfl.runtime.setup import FederationSetup
-from raypfl.selection import CohortSampler
 from raypfl.tracking import RunTracker
 from raypfl.weights import get_flat, set_flat
 
@@ -115,9 +112,6 @@ def run_experiment(
         return None
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    sampler = CohortSampler(clients_spec(cfg), cfg.seed)
-    membership = Membership(clients_spec(cfg), faults.evict_after)
-    client_states: dict[int, Any] = {}
     tracker = RunTracker(out_dir, train.rounds, build_sinks(cfg, out_dir, group, name), started)
     log.info(
         "%s on %s: %d clients (%s), %d per round, model %s, runtime %s%s",
@@ -132,41 +126,20 @@ def run_experiment(
     )
     try:
         runtime.start(setup, weights, version)
-        balancer = WorkloadBalancer(faults if faults.active else None, runtime.parallelism)
+        planner = RoundPlanner(clients_spec(cfg), faults, cfg.seed, runtime.parallelism)
         if resumed is not None:
-            membership.load_state_dict(resumed["membership"])
-            balancer.load_state_dict(resumed["balancer"])
-            client_states.update(resumed["client_states"])
+            planner.load_state_dict(resumed["planner"])
             tracker.restore(resumed["rows"], resumed["client_rows"])
         for round_idx in range(first_round, train.rounds + 1):
-            cohort = sampler.cohort(round_idx, membership.eligible(round_idx))
-            plan = RoundPlan(
-                round_idx,
-                cohort,
-                balancer.work(cohort),
-                {c: client_states[c] for c in cohort if c in client_states},
-            )
+            plan = planner.plan(round_idx)
             evaluate = round_idx % train.eval_every == 0 or round_idx == train.rounds
             row, result = play_round(runtime, plan, evaluate, weights.nbytes)
-            client_states.update(result.client_states)
-            balancer.observe(result.client_metrics)
-            membership.observe(round_idx, result.client_metrics)
+            planner.observe(round_idx, result)
             tracker.log_round(row, result.client_metrics)
-            due = train.checkpoint_every and round_idx % train.checkpoint_every == 0
-            if due or not result.quorum_met:
-                _checkpoint(out_dir, cfg, round_idx, runtime, client_states, balancer, membership, tracker)
+            if (train.checkpoint_every and round_idx % train.checkpoint_every == 0) or not result.quorum_met:
+                _checkpoint(out_dir / FILENAME, cfg, round_idx, runtime, planner, tracker)
             if not result.quorum_met:
-                message = (
-                    f"round {round_idx}: only {row['answered']} of {len(cohort)} clients "
-                    f"answered, below faults.quorum={faults.quorum} (late {row['late']}, "
-                    f"failed {row['failed']}); the global model was not updated"
-                )
-                if faults.on_no_quorum == "fail":
-                    raise RunStopped(
-                        f"{message}. Checkpoint: {out_dir / FILENAME}; continue with resume={out_dir}, "
-                        "or set faults.on_no_quorum=skip"
-                    )
-                log.warning("%s; going on (faults.on_no_quorum=skip)", message)
+                _no_quorum(row, len(plan.cohort), faults, out_dir)
             if faults.crash_after_round == round_idx:
                 log.warning("faults.crash_after_round=%d: SIGKILL to this process", round_idx)
                 logging.shutdown()
@@ -204,29 +177,34 @@ def _load_resume(cfg: DictConfig, train: TrainSpec) -> dict | None:
 
 
 def _checkpoint(
-    out_dir: Path,
-    cfg: DictConfig,
-    round_idx: int,
-    runtime: Runtime,
-    client_states: dict[int, Any],
-    balancer: WorkloadBalancer,
-    membership: Membership,
-    tracker: RunTracker,
+    path: Path, cfg: DictConfig, round_idx: int, runtime: Runtime, planner: RoundPlanner, tracker: RunTracker
 ) -> None:
-    """Everything a resumed run needs, after round `round_idx` (the sampler is seeded per round: no state)."""
-    weights = runtime.global_weights()
+    """Everything a resumed run needs, after round `round_idx`."""
     state = {
         "round": round_idx,
         "version": runtime.version,
-        "weights": weights,
-        "client_states": client_states,
-        "balancer": balancer.state_dict(),
-        "membership": membership.state_dict(),
+        "weights": runtime.global_weights(),
+        "planner": planner.state_dict(),
         "rows": tracker.rows,
         "client_rows": tracker.client_rows,
         "fingerprint": fingerprint(OmegaConf.to_container(cfg, resolve=True)),
     }
-    save_checkpoint(out_dir / FILENAME, state)
+    save_checkpoint(path, state)
+
+
+def _no_quorum(row: dict, cohort_size: int, faults: FaultsSpec, out_dir: Path) -> None:
+    """A round without quorum: stop (RunStopped, exit code 3) or, with on_no_quorum=skip, say so and go on."""
+    message = (
+        f"round {row['round']}: only {row['answered']} of {cohort_size} clients answered, below "
+        f"faults.quorum={faults.quorum} (late {row['late']}, failed {row['failed']}); "
+        "the global model was not updated"
+    )
+    if faults.on_no_quorum == "fail":
+        raise RunStopped(
+            f"{message}. Checkpoint: {out_dir / FILENAME}; continue with resume={out_dir}, "
+            "or set faults.on_no_quorum=skip"
+        )
+    log.warning("%s; going on (faults.on_no_quorum=skip)", message)
 
 
 def play_round(

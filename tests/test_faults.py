@@ -172,7 +172,8 @@ def test_sigkill_after_round_3_and_resume_gives_the_uninterrupted_model(tmp_path
     assert [r["test_acc"] for r in resumed.rounds] == [r["test_acc"] for r in whole.rounds]
     # the persistent optimizer state came back too (it is part of the checkpoint)
     state = load_checkpoint(tmp_path / "resumed")
-    assert state["client_states"] and all("state" in s for s in state["client_states"].values())
+    states = state["planner"]["client_states"]
+    assert states and all("state" in s for s in states.values())
 
 
 # --- Ray: quorum, deadlines, killed actors -----------------------------------------------------------------
