@@ -166,6 +166,12 @@ def _load_resume(cfg: DictConfig, train: TrainSpec) -> dict | None:
     location = cfg.get("resume")
     if not location:
         return None
+    if cfg.runtime.name == "mpi" and cfg.optim.persistent_state:
+        raise ConfigError(
+            f"resume={location}: MPI ranks keep their clients' optimizer state themselves, so a "
+            "checkpoint cannot restore it; resume with runtime=ray or runtime=sequential, "
+            "or optim.persistent_state=false"
+        )
     state = load_checkpoint(location)
     check_compatible(state["fingerprint"], fingerprint(OmegaConf.to_container(cfg, resolve=True)), location)
     if state["round"] >= train.rounds:

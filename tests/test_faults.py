@@ -157,6 +157,11 @@ def test_resume_refuses_a_different_experiment(tmp_path):
         run_experiment(make_config(*SEQ, "model=tiny_cnn", f"resume={tmp_path}"), tmp_path / "b")
     with pytest.raises(ConfigError, match="no checkpoint"):
         run_experiment(make_config(*SEQ, f"resume={tmp_path / 'nowhere'}"), tmp_path / "c")
+    with pytest.raises(ConfigError, match="train.rounds=1 leaves nothing to do"):
+        run_experiment(make_config(*SEQ, "train.rounds=1", f"resume={tmp_path}"), tmp_path / "d")
+    stateful_mpi = ["runtime=mpi", "optim.persistent_state=true", f"resume={tmp_path}"]
+    with pytest.raises(ConfigError, match="MPI ranks keep their clients' optimizer state"):
+        run_experiment(make_config(*SEQ, *stateful_mpi), tmp_path / "e")
 
 
 def test_sigkill_after_round_3_and_resume_gives_the_uninterrupted_model(tmp_path, data_root):
@@ -185,7 +190,7 @@ def test_killing_an_actor_mid_round_loses_no_client_state(ray_session, tmp_path,
         "runtime.num_actors=2",
         "optim.persistent_state=true",
         "optim.momentum=0.9",
-        "train.rounds=4",
+        "train.rounds=3",
     ]
     calm = run_experiment(make_config(*args), tmp_path / "calm")
     with caplog.at_level("WARNING", logger="raypfl"):

@@ -157,6 +157,7 @@ class ClientWorker:
         update = state = None
         for attempt in range(retries + 1):
             row["attempts"] = attempt + 1
+            attempt_start = time.perf_counter()
             try:
                 if attempt < fate.failing_attempts:
                     raise TransientClientError(f"injected error (round {round_idx}, attempt {attempt + 1})")
@@ -176,7 +177,7 @@ class ClientWorker:
                 if attempt == retries:
                     return None, None, {**row, "status": "failed", "seconds": time.perf_counter() - start}
                 time.sleep(faults.retry_backoff_s * 2**attempt if faults is not None else 0.0)
-        compute = time.perf_counter() - start
+        compute = time.perf_counter() - attempt_start  # the successful attempt's training time
         if fate.corrupt:
             update.vector = update.vector.copy()
             update.vector[:: max(1, update.vector.size // 7)] = np.nan
