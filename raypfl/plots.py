@@ -108,7 +108,10 @@ def plot_sweep(rows: list[dict], x_key: str, line_keys: list[str], path: Path) -
 
 
 def plot_client_timing(client_rows: list[dict], path: Path, max_clients: int = 30) -> Path:
-    """Per client and round: the work the balancer assigned, and the round-trip time (x: late/missing)."""
+    """Per client and round: its work (assigned by the balancer, else the local steps it ran) and its
+    round-trip time (x: late or missing)."""
+    balanced = any(r.get("work") not in (None, "") for r in client_rows)
+    work_key = "work" if balanced else "steps"
     by_client: dict[int, list[dict]] = defaultdict(list)
     for row in client_rows:
         by_client[int(row["client"])].append(row)
@@ -116,9 +119,9 @@ def plot_client_timing(client_rows: list[dict], path: Path, max_clients: int = 3
     for client in sorted(by_client)[:max_clients]:
         rows = sorted(by_client[client], key=lambda r: int(r["round"]))
         color = ax_work.plot([], [])[0].get_color()
-        worked = [r for r in rows if r.get("work") not in (None, "")]
+        worked = [r for r in rows if r.get(work_key) not in (None, "")]
         ax_work.plot(
-            [int(r["round"]) for r in worked], [float(r["work"]) for r in worked], ".-", c=color, lw=0.8
+            [int(r["round"]) for r in worked], [float(r[work_key]) for r in worked], ".-", c=color, lw=0.8
         )
         answered = [r for r in rows if r.get("rtt_s") not in (None, "")]
         missing = [r for r in rows if r.get("rtt_s") in (None, "")]
@@ -126,7 +129,12 @@ def plot_client_timing(client_rows: list[dict], path: Path, max_clients: int = 3
             [int(r["round"]) for r in answered], [float(r["rtt_s"]) for r in answered], ".-", c=color, lw=0.8
         )
         ax_rtt.plot([int(r["round"]) for r in missing], [0.0] * len(missing), "x", c=color)
-    ax_work.set(xlabel="round", ylabel="assigned local epochs / steps", title="Workload per client")
+    if balanced:
+        ax_work.set(
+            xlabel="round", ylabel="assigned local epochs / steps", title="Workload per client (balancer)"
+        )
+    else:
+        ax_work.set(xlabel="round", ylabel="local steps run", title="Local steps per client (no balancing)")
     ax_rtt.set(xlabel="round", ylabel="round trip (s)", title="Round-trip time per client (x: late/missing)")
     for ax in (ax_work, ax_rtt):
         ax.grid(alpha=0.3)

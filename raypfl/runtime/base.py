@@ -101,6 +101,14 @@ def combine_evaluations(parts: list[tuple[float, int, int]]) -> Evaluation:
     return Evaluation(loss / max(count, 1), correct / max(count, 1), count)
 
 
+ANSWERED = ("ok", "rejected")  # statuses of clients whose update reached the server
+
+
+def round_trip(row: dict[str, Any], seconds: float) -> float | str:
+    """A client's round-trip time for clients.csv: only clients that answered have one."""
+    return round(seconds, 4) if row.get("status") in ANSWERED else ""
+
+
 def quorum_for(faults: FaultsSpec | None, cohort_size: int) -> int:
     """Answers a round of `cohort_size` needs (all of them without a faults spec)."""
     return cohort_size if faults is None else faults.quorum_size(cohort_size)

@@ -18,7 +18,14 @@ import numpy as np
 import ray
 
 from raypfl.config import RuntimeSpec
-from raypfl.runtime.base import Evaluation, RoundPlan, RoundResult, combine_evaluations, quorum_for
+from raypfl.runtime.base import (
+    Evaluation,
+    RoundPlan,
+    RoundResult,
+    combine_evaluations,
+    quorum_for,
+    round_trip,
+)
 from raypfl.runtime.parameter_server import ParameterServer
 from raypfl.runtime.scheduling import assign_cohort, split_range
 from raypfl.runtime.setup import FederationSetup
@@ -158,7 +165,7 @@ class RayRuntime:
             elapsed = 0.0
             for row in rows:  # an actor's clients answer one after another
                 elapsed += row["seconds"]
-                row.update(actor=index, rtt_s=round(elapsed, 4))
+                row.update(actor=index, rtt_s=round_trip(row, elapsed))
         states: dict = {}
         if self.sticky:
             for part in ray.get(state_refs):

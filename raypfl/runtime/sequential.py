@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from raypfl.runtime.base import Evaluation, RoundPlan, RoundResult, combine_evaluations, quorum_for
+from raypfl.runtime.base import (
+    Evaluation,
+    RoundPlan,
+    RoundResult,
+    combine_evaluations,
+    quorum_for,
+    round_trip,
+)
 from raypfl.runtime.parameter_server import ParameterServer
 from raypfl.runtime.setup import FederationSetup
 from raypfl.runtime.worker import ClientWorker
@@ -37,7 +44,7 @@ class SequentialRuntime:
         elapsed = 0.0
         for row in metrics:  # clients answer one after another: each waits for the ones before it
             elapsed += row["seconds"]
-            row.update(actor=0, rtt_s=round(elapsed, 4))
+            row.update(actor=0, rtt_s=round_trip(row, elapsed))
         self.server.expect(version, 1, quorum_for(self.setup.faults, len(plan.cohort)))
         self.server.push(version, partial)
         return RoundResult.from_workers(self.server.latest, [metrics], self.server.round_summary(), states)

@@ -25,7 +25,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from raypfl import seeding
 from raypfl.balancing import work_amount
 from raypfl.errors import RunStopped
-from raypfl.runtime.base import Evaluation, RoundPlan, RoundResult, combine_evaluations
+from raypfl.runtime.base import ANSWERED, Evaluation, RoundPlan, RoundResult, combine_evaluations, round_trip
 from raypfl.runtime.scheduling import assign_cohort, split_range
 from raypfl.runtime.setup import FederationSetup
 
@@ -251,10 +251,10 @@ class TolerantRounds:
                 log.error("round %d: client %d failed on actor %d: %s", r, call.client, call.actor, exc)
                 rows[call.client] = unanswered(call.client, "failed", call.actor, call.attempt + 1)
                 continue
-            row.update(actor=call.actor, rtt_s=round(time.perf_counter() - call.sent, 4))
+            row.update(actor=call.actor, rtt_s=round_trip(row, time.perf_counter() - call.sent))
             row["attempts"] += call.attempt
             rows[call.client] = row
-            if row["status"] in ("ok", "rejected"):
+            if row["status"] in ANSWERED:
                 answered += 1
                 pushes.append(rt.server.push.remote(version, call.partial_ref))
                 if rt.sticky and row["status"] == "ok":
