@@ -69,7 +69,7 @@ def test_no_quorum_stops_with_a_checkpoint_or_skips(tmp_path):
     assert all(r["clients"] == 0 for r in run.rounds)
     rows = client_rows(tmp_path / "skip")
     assert {r["status"] for r in rows} == {"ok", "dropped"}
-    assert all((r["rtt_s"] == "") == (r["status"] == "dropped") for r in rows)  # only answers have a round trip
+    assert all((r["rtt_s"] == "") == (r["status"] == "dropped") for r in rows)  # answers only have a rtt
 
 
 def test_no_quorum_exits_with_code_3(tmp_path, data_root):
