@@ -235,6 +235,3 @@ class ClientWorker:
     def ready(self) -> int:
         """Answers once the worker is built (data mapped, model made): its incarnation (process id)."""
         return self.incarnation
-
-    def num_clients_with_state(self) -> int:
-        return len(self.client_states)
