@@ -80,6 +80,8 @@ class RuntimeSpec:
     torch_threads: int = 1
     mpi_mode: str = "server"
     rebuild_model: bool = False
+    vectorize: bool = False  # train a worker's clients together in lock-step (torch.func.vmap)
+    placement: str = "pack"  # ray: pack (fill a node first) | spread (actors over the cluster's nodes)
 
 
 @dataclass(frozen=True)

@@ -203,18 +203,29 @@ class ClientWorker:
         torch.manual_seed(seed)  # dropout and any other torch randomness of this client
         set_flat(self.model, global_weights)
         state = states.get(client)
+        x, y, indices = self.client_data(client, round_idx)
         ctx = ClientContext(
             client=client,
             round_idx=round_idx,
             model=self.model,
-            x=self.x,
-            y=self.y,
-            indices=self.setup.partition.indices(client, round_idx),
+            x=x,
+            y=y,
+            indices=indices,
             generator=torch.Generator().manual_seed(seed),
             state=copy.deepcopy(state) if state is not None else None,  # a failed attempt must not touch it
             work=work or {},
         )
         return self.algorithm.client_update(ctx, global_weights)
+
+    def client_data(self, client: int, round_idx: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """(x, y, indices) of one client's round: a view of the shared arrays, or the client's own data
+        when the partition generates it (`client_data(client, round)` on the partition, e.g. synthetic)."""
+        partition = self.setup.partition
+        generate = getattr(partition, "client_data", None)
+        if generate is None:
+            return self.x, self.y, partition.indices(client, round_idx)
+        x, y = generate(client, round_idx)
+        return _tensor(x), _tensor(y), np.arange(len(y), dtype=np.int64)
 
     def _slow_down(self, client: int, round_idx: int, compute_s: float) -> bool:
         """Sleep `(speed factor - 1) * compute` for a slow client; False if the round was cancelled."""
