@@ -172,6 +172,7 @@ def validate(cfg: DictConfig) -> None:
         cfg.dataset.name in DATASETS,
         f"unknown dataset={cfg.dataset.name} (choose from: {', '.join(DATASETS)})",
     )
+    _validate_dataset(cfg.dataset)
     _require(cfg.model.name in MODELS, f"unknown model={cfg.model.name} (choose from: {', '.join(MODELS)})")
     _require(
         cfg.partition.name in PARTITIONERS,
@@ -247,7 +248,47 @@ def validate(cfg: DictConfig) -> None:
         _positive_int(runtime.num_cpus, "runtime.num_cpus")
     if runtime.num_actors is not None:
         _positive_int(runtime.num_actors, "runtime.num_actors")
+    if runtime.vectorize:
+        _require(
+            not faults_spec(cfg).active and clients.speed == "uniform" and not runtime.rebuild_model,
+            "runtime.vectorize=true trains a worker's clients in lock-step: it does not combine with "
+            "faults.*, clients.speed=lognormal or runtime.rebuild_model=true",
+        )
+        _require(train.eval_clients == 0, "runtime.vectorize=true does not combine with train.eval_clients")
     _require(runtime.cpus_per_actor > 0, f"runtime.cpus_per_actor={runtime.cpus_per_actor} must be > 0")
+    _require(runtime.gpus_per_actor >= 0, f"runtime.gpus_per_actor={runtime.gpus_per_actor} must be >= 0")
+    for key in ("cpus_per_actor", "gpus_per_actor"):  # Ray's rule for resource requests
+        value = getattr(runtime, key)
+        _require(
+            value <= 1 or float(value).is_integer(),
+            f"runtime.{key}={value}: Ray needs a fraction <= 1 or a whole number",
+        )
+    from raypfl.runtime.placement import PLACEMENTS
+
+    _require(
+        runtime.placement in PLACEMENTS,
+        f"runtime.placement={runtime.placement} must be one of {', '.join(PLACEMENTS)}",
+    )
+
+
+#: Keys of a torchvision dataset's config node (conf/dataset/mnist.yaml).
+LOADED_DATASET_KEYS = ("name", "root", "download", "train_limit", "test_limit")
+
+
+def _validate_dataset(node: DictConfig) -> None:
+    """Unknown `dataset.*` keys are errors; synthetic's knobs are checked by its spec."""
+    from raypfl.data.synthetic import NAME as SYNTHETIC
+    from raypfl.data.synthetic import synthetic_spec
+
+    if node.name == SYNTHETIC:
+        synthetic_spec(node)
+        return
+    unknown = sorted(set(node) - set(LOADED_DATASET_KEYS))
+    _require(
+        not unknown,
+        f"unknown key dataset.{unknown[0] if unknown else ''} for dataset={node.name} "
+        f"(known: {', '.join(LOADED_DATASET_KEYS)})",
+    )
 
 
 def _validate_faults(faults: FaultsSpec, runtime: RuntimeSpec, train: TrainSpec) -> None:

@@ -16,9 +16,19 @@ from omegaconf import DictConfig, OmegaConf
 from raypfl import seeding
 from raypfl.algorithms import build_algorithm
 from raypfl.checkpoint import FILENAME, check_compatible, fingerprint, load_checkpoint, save_checkpoint
-from raypfl.config import FaultsSpec, TrainSpec, clients_spec, faults_spec, runtime_spec, train_spec
+from raypfl.config import (
+    FaultsSpec,
+    TrainSpec,
+    clients_spec,
+    faults_spec,
+    optim_spec,
+    runtime_spec,
+    train_spec,
+)
 from raypfl.data.datasets import Dataset, load_dataset
 from raypfl.data.partitions import build_partition
+from raypfl.data.synthetic import NAME as SYNTHETIC
+from raypfl.data.synthetic import SyntheticPartition, synthetic_dataset, synthetic_spec
 from raypfl.errors import ConfigError, RunStopped
 from raypfl.models import build_model
 from raypfl.planning import RoundPlanner
@@ -26,6 +36,7 @@ from raypfl.runtime import Runtime, build_runtime
 from raypfl.runtime.base import RoundPlan, RoundResult
 from raypfl.runtime.setup import FederationSetup
 from raypfl.tracking import RunTracker
+from raypfl.vectorized import check_vectorizable
 from raypfl.weights import get_flat, set_flat
 
 log = logging.getLogger("raypfl")
@@ -51,7 +62,10 @@ def initial_weights(model_name: str, dataset: Dataset, seed: int) -> np.ndarray:
 
 
 def load_data(cfg: DictConfig) -> Dataset:
+    """The dataset named by `dataset.*`: loaded from disk, or (synthetic) its generated test set."""
     d = cfg.dataset
+    if d.name == SYNTHETIC:
+        return synthetic_dataset(synthetic_spec(d), cfg.seed)
     return load_dataset(d.name, d.root, d.download, d.get("train_limit"), d.get("test_limit"))
 
 
@@ -59,20 +73,38 @@ def build_setup(cfg: DictConfig, dataset: Dataset) -> FederationSetup:
     """Everything the workers need, built (and checked) before any runtime starts."""
     clients = clients_spec(cfg)
     faults = faults_spec(cfg)
-    partition = build_partition(cfg.partition.name, cfg.partition, dataset.train_y, clients.num, cfg.seed)
+    if dataset.name == SYNTHETIC:  # the generator is the partition: each client's data is its own
+        partition = SyntheticPartition(synthetic_spec(cfg.dataset), clients.num, cfg.seed)
+        log.log(
+            logging.INFO if cfg.partition.name == "iid" else logging.WARNING,  # iid: the untouched default
+            "dataset=synthetic generates each client's own data: partition=%s (partition.*) is ignored",
+            cfg.partition.name,
+        )
+    else:
+        partition = build_partition(cfg.partition.name, cfg.partition, dataset.train_y, clients.num, cfg.seed)
     speed = None
     if clients.speed == "lognormal":  # slowdown factors >= 1: a client never runs faster than the machine
         factors = seeding.rng(cfg.seed, seeding.SPEED).lognormal(0.0, clients.speed_sigma, clients.num)
         speed = np.maximum(1.0, factors)
+    algorithm = build_algorithm(cfg)
+    if runtime_spec(cfg).vectorize:
+        if not hasattr(algorithm, "client_updates"):
+            raise ConfigError(
+                f"runtime.vectorize=true: algorithm={cfg.algorithm.name} has no lock-step client half"
+            )
+        check_vectorizable(
+            build_model(cfg.model.name, dataset.in_shape, dataset.num_classes), optim_spec(cfg)
+        )
     return FederationSetup(
         dataset=dataset,
         partition=partition,
         model_name=cfg.model.name,
-        algorithm=build_algorithm(cfg),
+        algorithm=algorithm,
         seed=cfg.seed,
         torch_threads=runtime_spec(cfg).torch_threads,
         faults=faults if faults.active else None,
         speed=speed,
+        vectorize=runtime_spec(cfg).vectorize,
         eval_local=train_spec(cfg).eval_clients,
     )
 

@@ -12,6 +12,11 @@ def _tensors(model: nn.Module) -> list[torch.Tensor]:
     return [t for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()]
 
 
+def flat_names(model: nn.Module) -> list[str]:
+    """The state_dict names of the tensors in a flat vector, in its order."""
+    return [k for k, t in model.state_dict(keep_vars=True).items() if t.is_floating_point()]
+
+
 def get_flat(model: nn.Module) -> np.ndarray:
     """Copy the model's weights into a new flat float32 numpy vector."""
     with torch.no_grad():

@@ -6,12 +6,14 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
+import torch
 
 from raypfl.aggregate import Aggregate, ClientUpdate
 from raypfl.algorithms.base import ClientContext
 from raypfl.config import OptimSpec, TrainSpec
 from raypfl.training import make_optimizer, train_local
-from raypfl.weights import get_flat
+from raypfl.vectorized import ClientJob, train_lockstep
+from raypfl.weights import flat_names, get_flat
 
 
 class FedAvg:
@@ -46,6 +48,40 @@ class FedAvg:
         }
         state = optimizer.state_dict() if self.stateful_clients else None
         return ClientUpdate(ctx.client, delta, weight, metrics), state
+
+    def client_updates(
+        self, contexts: list[ClientContext], global_weights: np.ndarray
+    ) -> list[tuple[ClientUpdate, Any]]:
+        """`client_update` for many clients at once, in lock-step (`runtime.vectorize=true`).
+
+        All contexts share one model holding the global weights; see `raypfl.vectorized`.
+        """
+        model = contexts[0].model
+        start = {name: p.detach() for name, p in model.named_parameters()}
+        jobs = [
+            ClientJob(
+                ctx.x,
+                ctx.y,
+                ctx.indices,
+                ctx.generator,
+                replace(self.train, **ctx.work) if ctx.work else self.train,
+            )
+            for ctx in contexts
+        ]
+        stacked, results = train_lockstep(model, start, jobs, self.optim)
+        flat = torch.cat([stacked[name].reshape(len(jobs), -1) for name in flat_names(model)], dim=1)
+        deltas = flat.numpy() - global_weights[None, :]
+        updates = []
+        for ctx, delta, result in zip(contexts, deltas, results):
+            weight = float(len(ctx.indices)) if self.weighting == "samples" else 1.0
+            metrics = {
+                "samples": len(ctx.indices),
+                "train_loss": result.loss,
+                "train_acc": result.accuracy,
+                "steps": result.steps,
+            }
+            updates.append((ClientUpdate(ctx.client, delta, weight, metrics), None))
+        return updates
 
     def server_update(self, global_weights: np.ndarray, aggregate: Aggregate) -> np.ndarray:
         step = self.server_lr * aggregate.mean()

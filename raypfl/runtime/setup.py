@@ -24,4 +24,5 @@ class FederationSetup:
     torch_threads: int = 1
     faults: FaultsSpec | None = None  # injected faults and retry policy (None: none)
     speed: np.ndarray | None = None  # per-client slowdown factors >= 1 (None: every client at full speed)
+    vectorize: bool = False  # train a worker's clients in lock-step (`runtime.vectorize`)
     eval_local: int = 0  # test each client's local model on this many test images (`train.eval_clients`)
