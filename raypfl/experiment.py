@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from raypfl.errors import ConfigError, RunStopped
 from raypfl.models import build_model
 from raypfl.planning import RoundPlanner
 from raypfl.runtime import Runtime, build_runtime
-from raypfl.runtime.base import RoundPlan, RoundResult
+from raypfl.runtime.base import Evaluation, RoundPlan, RoundResult
 from raypfl.runtime.setup import FederationSetup
 from raypfl.tracking import RunTracker
 from raypfl.vectorized import check_vectorizable
@@ -162,20 +163,33 @@ def run_experiment(
         if resumed is not None:
             planner.load_state_dict(resumed["planner"])
             tracker.restore(resumed["rows"], resumed["client_rows"])
-        for round_idx in range(first_round, train.rounds + 1):
-            plan = planner.plan(round_idx)
-            evaluate = round_idx % train.eval_every == 0 or round_idx == train.rounds
-            row, result = play_round(runtime, plan, evaluate, weights.nbytes)
-            planner.observe(round_idx, result)
+        pending: PendingRound | None = None  # the last round, until its evaluation is in
+
+        def settle() -> None:
+            """Finish the pending round: its evaluation, metrics row, checkpoint, and stop conditions."""
+            nonlocal pending
+            if pending is None:
+                return
+            done, pending = pending, None
+            row, result = done.finish()
             tracker.log_round(row, result.client_metrics)
+            round_idx = row["round"]
             if (train.checkpoint_every and round_idx % train.checkpoint_every == 0) or not result.quorum_met:
                 _checkpoint(out_dir / FILENAME, cfg, round_idx, runtime, planner, tracker)
             if not result.quorum_met:
-                _no_quorum(row, len(plan.cohort), faults, out_dir)
+                _no_quorum(row, len(done.plan.cohort), faults, out_dir)
             if faults.crash_after_round == round_idx:
                 log.warning("faults.crash_after_round=%d: SIGKILL to this process", round_idx)
                 logging.shutdown()
                 os.kill(os.getpid(), signal.SIGKILL)
+
+        for round_idx in range(first_round, train.rounds + 1):
+            plan = planner.plan(round_idx)
+            evaluate = round_idx % train.eval_every == 0 or round_idx == train.rounds
+            # the previous round settles (evaluation in, row logged) once this round's clients are training
+            pending = start_round(runtime, plan, evaluate, weights.nbytes, on_submitted=settle)
+            planner.observe(round_idx, pending.result)
+        settle()
         weights = runtime.global_weights()
     finally:
         runtime.close()
@@ -245,20 +259,58 @@ def _no_quorum(row: dict, cohort_size: int, faults: FaultsSpec, out_dir: Path) -
     log.warning("%s; going on (faults.on_no_quorum=skip)", message)
 
 
-def play_round(
-    runtime: Runtime, plan: RoundPlan, evaluate: bool, model_bytes: int
-) -> tuple[dict, RoundResult]:
-    """Run one round (and maybe evaluate); return its metrics row and the round's result."""
+@dataclass
+class PendingRound:
+    """A trained round whose evaluation may still be running on the workers."""
+
+    plan: RoundPlan
+    result: RoundResult
+    started: float
+    trained: float
+    evaluation: Callable[[], Evaluation] | None
+    model_bytes: int
+
+    def finish(self) -> tuple[dict, RoundResult]:
+        """Wait for the evaluation; return the round's metrics row and its result."""
+        evaluation = self.evaluation() if self.evaluation is not None else None
+        return round_row(self, evaluation, time.perf_counter()), self.result
+
+
+def start_round(
+    runtime: Runtime,
+    plan: RoundPlan,
+    evaluate: bool,
+    model_bytes: int,
+    on_submitted: Callable[[], None] | None = None,
+) -> PendingRound:
+    """Run one round's training and start its evaluation (on runtimes that can, without waiting for it).
+
+    Evaluation of version v is safe to overlap with the next round: it reads the immutable weights of v,
+    and nothing the next round does depends on the accuracy. `on_submitted` runs once this round's
+    clients are handed to the workers (the previous round settles then).
+    """
     start = time.perf_counter()
-    result = runtime.run_round(plan)
+    result = runtime.run_round(plan, on_submitted)
     trained = time.perf_counter()
-    evaluation = runtime.evaluate() if evaluate else None
-    done = time.perf_counter()
+    evaluation = None
+    if evaluate:
+        begin = getattr(runtime, "evaluate_async", None)
+        if begin is not None:
+            evaluation = begin()
+        else:
+            done = runtime.evaluate()
+            evaluation = lambda: done  # noqa: E731
+    return PendingRound(plan, result, start, trained, evaluation, model_bytes)
+
+
+def round_row(pending: PendingRound, evaluation: Evaluation | None, done: float) -> dict:
+    """The metrics row of a finished round."""
+    plan, result = pending.plan, pending.result
     accepted = [m for m in result.client_metrics if m["accepted"]]
     losses = [m["train_loss"] for m in accepted]
     local_accs = [m["local_acc"] for m in accepted if "local_acc" in m]
-    train_s = trained - start
-    row = {
+    train_s = pending.trained - pending.started
+    return {
         "round": plan.round_idx,
         "test_acc": "" if evaluation is None else round(evaluation.accuracy, 6),
         "test_loss": "" if evaluation is None else round(evaluation.loss, 6),
@@ -271,17 +323,16 @@ def play_round(
         "retries": sum(max(0, int(m.get("attempts") or 1) - 1) for m in result.client_metrics),
         "quorum": int(result.quorum_met),
         "local_acc": round(float(np.mean(local_accs)), 6) if local_accs else "",
-        "round_s": round(done - start, 4),
+        "round_s": round(done - pending.started, 4),
         "train_s": round(train_s, 4),
         "compute_s": round(result.compute_s, 4),
         "comm_s": round(max(0.0, train_s - result.compute_s - result.aggregate_s), 4),
         "aggregate_s": round(result.aggregate_s, 4),
-        "eval_s": round(done - trained, 4),
+        "eval_s": round(done - pending.trained, 4),
         # what FedAvg moves: the global model to each client, one update back from each
-        "bytes_down": model_bytes * len(plan.cohort),
-        "bytes_up": model_bytes * len(accepted) + model_bytes * len(result.rejected),
+        "bytes_down": pending.model_bytes * len(plan.cohort),
+        "bytes_up": pending.model_bytes * (len(accepted) + len(result.rejected)),
     }
-    return row, result
 
 
 def build_sinks(cfg: DictConfig, out_dir: Path, group: str | None, name: str | None) -> list:

@@ -20,4 +20,8 @@ def build_runtime(spec: RuntimeSpec) -> Runtime:
         return MPIRuntime(spec)
     from raypfl.runtime.ray_runtime import RayRuntime
 
+    if spec.warm_start and not spec.address:
+        from raypfl.runtime.warm import WarmStart
+
+        return WarmStart(RayRuntime(spec))
     return RayRuntime(spec)

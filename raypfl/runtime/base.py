@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -80,8 +81,12 @@ class Runtime(Protocol):
     def start(self, setup: FederationSetup, initial_weights: np.ndarray, version: int = 0) -> None:
         """Build the workers and the parameter server (holding `initial_weights` as `version`)."""
 
-    def run_round(self, plan: RoundPlan) -> RoundResult:
-        """Train the plan's cohort from the latest global weights and publish the next version."""
+    def run_round(self, plan: RoundPlan, on_submitted: Callable[[], None] | None = None) -> RoundResult:
+        """Train the plan's cohort from the latest global weights and publish the next version.
+
+        `on_submitted` (if given) is called once, as soon as the clients' work is handed to the workers
+        (at the start, on runtimes that train in the driver): the driver settles the previous round then.
+        """
 
     def evaluate(self) -> Evaluation:
         """The latest global model on the test set."""
@@ -91,6 +96,12 @@ class Runtime(Protocol):
 
     def close(self) -> None:
         """Release workers (and Ray, if this runtime started it)."""
+
+
+def notify(callback: Callable[[], None] | None) -> None:
+    """Call `on_submitted` if there is one."""
+    if callback is not None:
+        callback()
 
 
 def combine_evaluations(parts: list[tuple[float, int, int]]) -> Evaluation:

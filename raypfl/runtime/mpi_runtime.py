@@ -14,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 
 import numpy as np
 
 from raypfl.aggregate import Aggregate
 from raypfl.config import RuntimeSpec
 from raypfl.errors import ConfigError
-from raypfl.runtime.base import Evaluation, RoundPlan, RoundResult, combine_evaluations
+from raypfl.runtime.base import Evaluation, RoundPlan, RoundResult, combine_evaluations, notify
 from raypfl.runtime.parameter_server import ParameterServer
 from raypfl.runtime.scheduling import assign_cohort, split_range
 from raypfl.runtime.setup import FederationSetup
@@ -83,7 +84,8 @@ class MPIRuntime:
 
     # --- what the driver calls (rank 0) ---------------------------------------------------------------
 
-    def run_round(self, plan: RoundPlan) -> RoundResult:
+    def run_round(self, plan: RoundPlan, on_submitted: Callable[[], None] | None = None) -> RoundResult:
+        notify(on_submitted)
         self.comm.bcast(("round", plan.round_idx, list(plan.cohort)), root=0)
         return self._round(plan.round_idx, plan.cohort)
 

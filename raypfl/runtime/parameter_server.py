@@ -107,6 +107,13 @@ class ParameterServer:
         while len(self.versions) > self.keep_versions:
             self.versions.popitem(last=False)
 
+    def reset(self, weights: np.ndarray, version: int) -> None:
+        """Hold `weights` as `version`, forgetting every other version (a runtime taking over a model)."""
+        if self.rounds:
+            raise RuntimeError(f"cannot reset while rounds on versions {sorted(self.rounds)} are open")
+        self.versions = OrderedDict({version: np.asarray(weights, np.float32)})
+        self.latest = version
+
     def pull(self, version: int) -> np.ndarray | None:
         """The weights of `version`; None if it does not exist yet; VersionEvicted if no longer kept."""
         if version > self.latest:

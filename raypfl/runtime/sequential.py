@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from raypfl.runtime.base import (
@@ -9,6 +11,7 @@ from raypfl.runtime.base import (
     RoundPlan,
     RoundResult,
     combine_evaluations,
+    notify,
     quorum_for,
     round_trip,
 )
@@ -36,7 +39,8 @@ class SequentialRuntime:
             initial_weights, setup.algorithm.server_update, self.keep_versions, version
         )
 
-    def run_round(self, plan: RoundPlan) -> RoundResult:
+    def run_round(self, plan: RoundPlan, on_submitted: Callable[[], None] | None = None) -> RoundResult:
+        notify(on_submitted)
         version, weights = self.server.pull_latest()
         partial, metrics, states = self.worker.train_cohort(
             weights, plan.round_idx, sorted(plan.cohort), plan.work, plan.states
