@@ -78,6 +78,7 @@ def train_lockstep(
     params = {k: v.detach().unsqueeze(0).repeat(n, *([1] * v.dim())) for k, v in global_weights.items()}
     momentum = {k: torch.zeros_like(v) for k, v in params.items()} if optim.momentum else None
     names = list(params)
+    stack = linear_stack(model) if not optim.momentum and not optim.weight_decay else None
     forward = vmap(lambda p, xb: functional_call(model, p, (xb,)))
 
     loss_sum = torch.zeros(n, dtype=torch.float64)
@@ -95,20 +96,24 @@ def train_lockstep(
         counts = mask.sum(1)
         active = counts > 0
         full = bool(active.all()) and bool((counts == width).all())
-        leaves = [params[k].requires_grad_() for k in names]
-        logits = forward(dict(zip(names, leaves)), x[index])
-        targets = y[index]
-        losses = F.cross_entropy(logits.reshape(n * width, -1), targets.reshape(-1), reduction="none")
-        losses = losses.view(n, width)
-        per_client = losses.mean(1) if full else (losses * mask).sum(1) / counts.clamp(min=1)
-        grads = torch.autograd.grad(per_client.sum(), leaves)
+        xb, targets = x[index], y[index]
+        if stack is not None:
+            logits, per_client = _fused_linear_step(stack, params, xb, targets, mask, counts, optim.lr)
+        else:
+            leaves = [params[k].requires_grad_() for k in names]
+            logits = forward(dict(zip(names, leaves)), xb)
+            losses = F.cross_entropy(logits.reshape(n * width, -1), targets.reshape(-1), reduction="none")
+            losses = losses.view(n, width)
+            per_client = losses.mean(1) if full else (losses * mask).sum(1) / counts.clamp(min=1)
+            grads = torch.autograd.grad(per_client.sum(), leaves)
+            with torch.no_grad():
+                _sgd_step(params, momentum, dict(zip(names, grads)), active, full, step, optim)
         with torch.no_grad():
             hits = (logits.argmax(-1) == targets).float() * mask
             loss_sum += (per_client.detach() * counts).double()
             correct += hits.sum(1).long()
             seen += counts.long()
             taken += active.long()
-            _sgd_step(params, momentum, dict(zip(names, grads)), active, full, step, optim)
     results = [
         TrainResult(
             float(loss_sum[c]) / max(int(seen[c]), 1),
@@ -119,6 +124,74 @@ def train_lockstep(
         for c in range(n)
     ]
     return {k: v.detach() for k, v in params.items()}, results
+
+
+def linear_stack(model: nn.Module) -> list[tuple[str, str | None, bool]] | None:
+    """[(weight name, bias name, ReLU after?)] if the model is a plain Flatten/Linear/ReLU stack, else None.
+
+    Such models (the `mlp` family) take the fused path: hand-written batched forward and backward whose
+    SGD update is folded into the gradient product (`W.baddbmm_(dz^T, h, alpha=-lr)`), so no gradient
+    tensor is written and read back: the stacked weights of many clients no longer fit in cache, and
+    memory traffic, not arithmetic, is what a lock-step step costs.
+    """
+    prefix, seq = next(((n, m) for n, m in model.named_modules() if isinstance(m, nn.Sequential)), ("", None))
+    if seq is None or sum(p.numel() for p in seq.parameters()) != sum(p.numel() for p in model.parameters()):
+        return None
+    if type(model).forward not in (nn.Sequential.forward,) and getattr(model, "net", None) is not seq:
+        return None
+    layers: list[tuple[str, str | None, bool]] = []
+    for name, module in seq.named_children():
+        full = f"{prefix}.{name}" if prefix else name
+        if isinstance(module, nn.Linear):
+            layers.append((f"{full}.weight", f"{full}.bias" if module.bias is not None else None, False))
+        elif isinstance(module, nn.ReLU) and layers and not layers[-1][2]:
+            layers[-1] = (*layers[-1][:2], True)
+        elif not (isinstance(module, nn.Flatten) and not layers):
+            return None
+    return layers if layers and not layers[-1][2] else None
+
+
+def _fused_linear_step(
+    layers: list[tuple[str, str | None, bool]],
+    params: dict[str, torch.Tensor],
+    xb: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    counts: torch.Tensor,
+    lr: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One plain-SGD step of every client's Linear/ReLU stack; returns (logits, per-client mean loss)."""
+    with torch.no_grad():
+        h = xb.reshape(xb.shape[0], xb.shape[1], -1)
+        inputs, pre = [], []
+        for weight, bias, relu in layers:
+            inputs.append(h)
+            w = params[weight]
+            z = (
+                torch.bmm(h, w.transpose(1, 2))
+                if bias is None
+                else torch.baddbmm(params[bias].unsqueeze(1), h, w.transpose(1, 2))
+            )
+            pre.append(z)
+            h = torch.relu(z) if relu else z
+        logits = h
+        log_p = torch.log_softmax(logits, -1)
+        picked = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        scale = mask / counts.clamp(min=1).unsqueeze(1)  # d(mean loss)/d(sample loss); 0 for padding
+        per_client = -(picked * scale).sum(1)
+        dz = log_p.exp_()
+        dz.scatter_add_(-1, targets.unsqueeze(-1), -torch.ones_like(picked).unsqueeze(-1))
+        dz.mul_(scale.unsqueeze(-1))
+        for i in range(len(layers) - 1, -1, -1):
+            weight, bias, _ = layers[i]
+            w = params[weight]
+            dh = torch.bmm(dz, w) if i > 0 else None  # needs the weights before their update
+            w.baddbmm_(dz.transpose(1, 2), inputs[i], alpha=-lr)
+            if bias is not None:
+                params[bias].sub_(dz.sum(1), alpha=lr)
+            if i > 0:
+                dz = dh.mul_(pre[i - 1] > 0) if layers[i - 1][2] else dh
+    return logits, per_client
 
 
 def _sgd_step(

@@ -24,14 +24,23 @@ def _both(tmp_path, *overrides: str) -> tuple[np.ndarray, np.ndarray]:
     return runs[0], runs[1]
 
 
-def test_vectorized_mlp_with_momentum_matches_plain(data_root, tmp_path):
-    plain, vec = _both(tmp_path, "runtime=sequential", "optim.momentum=0.9", "optim.weight_decay=0.001")
+@pytest.mark.parametrize(
+    "optim",
+    [
+        ["optim.momentum=0.9", "optim.weight_decay=0.001"],  # torch.func path (vmap + autograd)
+        [],  # plain SGD on a Linear/ReLU stack: the fused path
+    ],
+    ids=["vmap-momentum", "fused-sgd"],
+)
+def test_vectorized_mlp_matches_plain(data_root, tmp_path, optim):
+    plain, vec = _both(tmp_path, "runtime=sequential", *optim)
     assert np.abs(plain - vec).max() <= TOLERANCE
     assert np.abs(plain).max() > 0.01  # a real model, not zeros
 
 
 def test_uneven_clients_are_masked_not_rejected(data_root, tmp_path):
-    """quantity_skew gives clients different sizes; batch 7 leaves short last batches."""
+    """quantity_skew gives clients different sizes; batch 7 leaves short last batches (fused path; the
+    vmap path's masking is checked below)."""
     plain, vec = _both(
         tmp_path,
         "runtime=sequential",
@@ -39,7 +48,6 @@ def test_uneven_clients_are_masked_not_rejected(data_root, tmp_path):
         "partition.min_size=40",
         "partition.max_size=300",
         "train.batch_size=7",
-        "optim.momentum=0.5",
     )
     assert np.abs(plain - vec).max() <= TOLERANCE
 

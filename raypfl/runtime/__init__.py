@@ -20,7 +20,9 @@ def build_runtime(spec: RuntimeSpec) -> Runtime:
         return MPIRuntime(spec)
     from raypfl.runtime.ray_runtime import RayRuntime
 
-    if spec.warm_start and not spec.address:
+    import ray
+
+    if spec.warm_start and not spec.address and not ray.is_initialized():  # (a running Ray boots fast)
         from raypfl.runtime.warm import WarmStart
 
         return WarmStart(RayRuntime(spec))

@@ -16,7 +16,6 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import ray
 
 from raypfl.runtime.base import Evaluation, RoundPlan, RoundResult
 from raypfl.runtime.sequential import SequentialRuntime
@@ -53,8 +52,7 @@ class WarmStart:
         return self.local.version if self.local is not None else self.pool.version
 
     def start(self, setup: FederationSetup, initial_weights: np.ndarray, version: int = 0) -> None:
-        if (setup.faults is not None and setup.faults.active) or ray.is_initialized():
-            # fault-tolerant rounds need the pool from the start; a running Ray boots actors quickly
+        if setup.faults is not None and setup.faults.active:  # fault-tolerant rounds need the pool
             self.local = None
             self.pool.start(setup, initial_weights, version)
             return

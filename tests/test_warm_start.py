@@ -1,0 +1,84 @@
+"""Warm start: the driver trains rounds while the actor pool boots, then hands the model over."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from conftest import TINY, make_config
+
+from raypfl.config import clients_spec, faults_spec
+from raypfl.experiment import build_setup, initial_weights, load_data
+from raypfl.planning import RoundPlanner
+from raypfl.runtime.sequential import SequentialRuntime
+from raypfl.runtime.warm import WarmStart
+
+
+class SlowPool(SequentialRuntime):
+    """A stand-in for the Ray pool: `start` blocks until released; records the rounds it trained."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+        self.rounds: list[int] = []
+
+    def expected_parallelism(self) -> int:
+        return 2
+
+    def start(self, setup, weights, version=0):
+        self.release.wait(timeout=60)
+        super().start(setup, weights, version)
+
+    def take_over(self, weights, version):
+        self.server.reset(weights, version)
+
+    def run_round(self, plan, on_submitted=None):
+        self.rounds.append(plan.round_idx)
+        return super().run_round(plan, on_submitted)
+
+
+def _rounds(runtime, cfg, n, release_after=None):
+    planner = RoundPlanner(clients_spec(cfg), faults_spec(cfg), cfg.seed, 1)
+    for round_idx in range(1, n + 1):
+        runtime.run_round(planner.plan(round_idx))
+        if round_idx == release_after:
+            runtime.pool.release.set()
+            runtime._boot.join()
+    return runtime.global_weights()
+
+
+def test_driver_trains_until_the_pool_is_ready_then_hands_over(data_root):
+    cfg = make_config(*TINY, "runtime=sequential", "train.rounds=4")
+    setup = build_setup(cfg, load_data(cfg))
+    weights = initial_weights(cfg.model.name, setup.dataset, cfg.seed)
+    reference = SequentialRuntime()
+    reference.start(setup, weights)
+    expected = _rounds(reference, cfg, 4)
+
+    warm = WarmStart(SlowPool())
+    warm.start(setup, weights)
+    assert warm.parallelism == 2  # the pool's size, known before it exists
+    got = _rounds(warm, cfg, 4, release_after=2)
+    assert warm.version == 4
+    warm.close()
+    assert warm.local_rounds == 2 and warm.pool.rounds == [3, 4]
+    assert np.abs(got - expected).max() <= 1e-6
+
+
+def test_a_pool_that_fails_to_start_is_reported(data_root):
+    class BrokenPool(SlowPool):
+        def start(self, setup, weights, version=0):
+            raise OSError("no Ray here")
+
+    cfg = make_config(*TINY, "runtime=sequential")
+    setup = build_setup(cfg, load_data(cfg))
+    warm = WarmStart(BrokenPool())
+    warm.start(setup, initial_weights(cfg.model.name, setup.dataset, cfg.seed))
+    warm._boot.join()
+    planner = RoundPlanner(clients_spec(cfg), faults_spec(cfg), cfg.seed, 1)
+    try:
+        warm.run_round(planner.plan(1))
+    except RuntimeError as exc:
+        assert "failed to start: no Ray here" in str(exc)
+    else:
+        raise AssertionError("a broken pool went unnoticed")
