@@ -18,9 +18,9 @@ def build_runtime(spec: RuntimeSpec) -> Runtime:
         from raypfl.runtime.mpi_runtime import MPIRuntime
 
         return MPIRuntime(spec)
-    from raypfl.runtime.ray_runtime import RayRuntime
-
     import ray
+
+    from raypfl.runtime.ray_runtime import RayRuntime
 
     if spec.warm_start and not spec.address and not ray.is_initialized():  # (a running Ray boots fast)
         from raypfl.runtime.warm import WarmStart
