@@ -80,6 +80,7 @@ class RuntimeSpec:
     torch_threads: int = 1
     mpi_mode: str = "server"
     rebuild_model: bool = False
+    warm_start: bool = True  # ray: the driver trains the first rounds while the actor pool boots
     vectorize: bool = False  # train a worker's clients together in lock-step (torch.func.vmap)
     placement: str = "pack"  # ray: pack (fill a node first) | spread (actors over the cluster's nodes)
 

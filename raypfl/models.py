@@ -1,4 +1,4 @@
-"""Small image classifiers used in federated-learning experiments, looked up by name.
+"""Small classifiers used in federated-learning experiments (images, and flat vectors), looked up by name.
 
 Every model maps a float32 batch shaped (N, *in_shape) to logits shaped (N, num_classes);
 none applies softmax, since the training loop uses cross-entropy on logits. Sizes of the
@@ -6,7 +6,8 @@ flattened features are computed from in_shape, so each model also builds for e.g
 
 Parameter counts for MNIST (in_shape=(1, 28, 28), num_classes=10):
     mlp 199,210 | cnn 1,663,370 | keras_cnn 600,810 | tiny_cnn 28,938
-    torch_example_cnn 21,840 | narrow_cnn 34,318 | deep_mlp 366,730
+    torch_example_cnn 21,840 | narrow_cnn 34,318 | deep_mlp 366,730 | logreg 7,850
+On dataset=synthetic (in_shape=(60,)): logreg 610, mlp 54,410 (the conv models need images).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from raypfl.errors import ConfigError
 
 __all__ = [
+    "LogReg",
     "MLP",
     "CNN",
     "KerasCNN",
@@ -49,6 +51,17 @@ def _channels(in_shape: tuple[int, ...]) -> int:
     if len(in_shape) != 3:
         raise ConfigError(f"in_shape={tuple(in_shape)} must be (channels, height, width) for a conv model")
     return in_shape[0]
+
+
+class LogReg(nn.Module):
+    """Multinomial logistic regression: one linear layer on the flattened input (FedProx's Synthetic)."""
+
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
 class MLP(nn.Module):
@@ -198,6 +211,7 @@ MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
     "torch_example_cnn": TorchExampleCNN,
     "narrow_cnn": NarrowCNN,
     "deep_mlp": DeepMLP,
+    "logreg": LogReg,
 }
 
 

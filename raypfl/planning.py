@@ -25,7 +25,7 @@ class RoundPlanner:
         self.client_states: dict[int, Any] = {}
 
     def plan(self, round_idx: int) -> RoundPlan:
-        cohort = self.sampler.cohort(round_idx, self.membership.eligible(round_idx))
+        cohort = self.sampler.cohort(round_idx, self.membership.eligible_view(round_idx))
         states = {c: self.client_states[c] for c in cohort if c in self.client_states}
         return RoundPlan(round_idx, cohort, self.balancer.work(cohort), states)
 

@@ -14,6 +14,7 @@ DATA = 4
 FAULT = 5
 SPEED = 6
 KILL = 7
+SYNTHETIC = 8  # dataset=synthetic: client sizes, generating models, samples
 
 
 def derive_seed(root: int, tag: int, *keys: int) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from raypfl import seeding
 from raypfl.config import ClientsSpec
 
@@ -13,16 +15,19 @@ class CohortSampler:
         self.spec = spec
         self.seed = seed
 
-    def cohort(self, round_idx: int, eligible: list[int] | None = None) -> list[int]:
+    def cohort(self, round_idx: int, eligible: Sequence[int] | None = None) -> list[int]:
         """The round's cohort: `per_round` clients (or all of `eligible`, if fewer are eligible).
 
         The sampler keeps no state: each round's draw is seeded from (root seed, round), so a resumed
-        run draws exactly what the uninterrupted run would have.
+        run draws exactly what the uninterrupted run would have. Only `per_round` positions of `eligible`
+        are read (a lazy `EligibleClients` of 100k ids costs no more than a short list); the draw is the
+        same as `rng.choice(list(eligible), ...)`.
         """
         key = 0 if self.spec.selection == "fixed" else round_idx
         rng = seeding.rng(self.seed, seeding.SELECTION, key)
         if eligible is None:
             chosen = rng.choice(self.spec.num, self.spec.per_round, replace=False)
         else:
-            chosen = rng.choice(eligible, min(self.spec.per_round, len(eligible)), replace=False)
+            picks = rng.choice(len(eligible), min(self.spec.per_round, len(eligible)), replace=False)
+            chosen = [eligible[int(i)] for i in picks]
         return sorted(int(c) for c in chosen)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,40 @@ def ray_session():
         yield ray
     finally:
         ray.shutdown()
+
+
+def sweep(out: Path, *args: str) -> subprocess.CompletedProcess:
+    """`python -m raypfl -m ARGS` (a multirun) into the sweep folder `out`."""
+    return subprocess.run(
+        [sys.executable, "-m", "raypfl", "-m", *args, f"hydra.sweep.dir={out}"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=REPO,
+        env=os.environ.copy(),
+    )
+
+
+@pytest.fixture(scope="session")
+def fault_kill_sweep(tmp_path_factory, data_root) -> tuple[Path, subprocess.CompletedProcess]:
+    """A tiny fault_kill sweep (kill 0 or 1 of 2 actors), run ONCE for two tests.
+
+    test_fault_experiments checks the table it writes; test_sweeps checks that its two runtime=ray jobs
+    (basic launcher, one after another) shared the one local Ray the sweep started.
+    """
+    out = tmp_path_factory.mktemp("fault_kill")
+    proc = sweep(
+        out,
+        "+experiment=fault_kill",
+        "dataset.train_limit=2000",
+        "dataset.test_limit=500",
+        "model=mlp",
+        "clients.num=4",
+        "clients.per_round=4",
+        "runtime.num_actors=2",  # two clients per actor: losing one actor loses two clients
+        "runtime.cpus_per_actor=1",
+        "runtime.num_cpus=2",
+        "train.rounds=3",
+        "faults.kill_count=0,1",
+    )
+    return out, proc

@@ -6,7 +6,6 @@ import csv
 
 from raypfl.fault_tables import write_tables
 from tests.test_cli import run_cli
-from tests.test_sweeps import sweep
 
 TINY_DATA = ["dataset.train_limit=2000", "dataset.test_limit=500", "model=mlp"]
 
@@ -37,19 +36,8 @@ def test_fault_dynamic_writes_its_table(tmp_path, data_root):
     assert (tmp_path / "fault_dynamic.png").stat().st_size > 10_000
 
 
-def test_fault_kill_finds_where_quorum_fails(tmp_path, data_root):
-    proc = sweep(
-        tmp_path,
-        "+experiment=fault_kill",
-        *TINY_DATA,
-        "clients.num=4",
-        "clients.per_round=4",
-        "runtime.num_actors=2",  # two clients per actor: losing one actor loses two clients
-        "runtime.cpus_per_actor=1",
-        "runtime.num_cpus=2",
-        "train.rounds=3",
-        "faults.kill_count=0,1",
-    )
+def test_fault_kill_finds_where_quorum_fails(fault_kill_sweep):
+    tmp_path, proc = fault_kill_sweep  # 4 clients on 2 actors, 3 rounds, faults.kill_count=0,1
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = {int(r["killed"]): r for r in read(tmp_path / "fault_kill.csv")}
     assert table[0]["quorum_at_kill"] == "yes" and int(table[0]["answered_at_kill"]) >= 3  # closes at 3 of 4

@@ -13,7 +13,7 @@ import pytest
 
 from raypfl.config import validate
 from raypfl.experiment import initial_weights, load_data, run_experiment
-from tests.conftest import CONF_DIR, REPO, make_config
+from tests.conftest import CONF_DIR, REPO, make_config, sweep
 
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 SMALL = ["dataset.train_limit=1200", "dataset.test_limit=300", "model=mlp", "train.batch_size=20"]
@@ -24,27 +24,15 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def sweep(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "raypfl", "-m", *args, f"hydra.sweep.dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=REPO,
-        env=os.environ.copy(),
-    )
-
-
 #: What a 1-round smoke run of an experiment must shrink besides the data (sizes that no longer fit).
 SHRINK = {
     "fault_dynamic": ["partition.max_size=200"],
-    "fault_kill": ["runtime.num_actors=2", "runtime.cpus_per_actor=1"],
 }
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_config_composes_and_runs_one_round(name, tmp_path, data_root, ray_session):
-    cfg = make_config(
+    overrides = [
         f"+experiment={name}",
         "train.rounds=1",
         "clients.num=4",
@@ -52,7 +40,12 @@ def test_every_experiment_config_composes_and_runs_one_round(name, tmp_path, dat
         "dataset.train_limit=1000",
         "dataset.test_limit=200",
         *SHRINK.get(name, []),
-    )
+    ]
+    cfg = make_config(*overrides)
+    if cfg.runtime.name == "ray":
+        # one client actor runs the round (each actor is a process that imports torch: seconds of CPU);
+        # pools of several actors are tested in test_runtimes and test_faults
+        cfg = make_config(*overrides, "runtime.num_actors=1")
     validate(cfg)
     result = run_experiment(cfg, tmp_path)
     [row] = result.rounds
@@ -222,22 +215,14 @@ def test_progress_bar_only_on_a_terminal(capsys):
     assert "/3 [" in capsys.readouterr().err  # the bar was drawn (and cleared: leave=False)
 
 
-def test_sequential_sweep_shares_one_local_ray(tmp_path, data_root):
-    proc = sweep(
-        tmp_path,
-        "+experiment=fedavg",
-        *SMALL,
-        "train.rounds=1",
-        "clients.num=4",
-        "clients.per_round=2",
-        "seed=0,1",
-        "runtime.num_cpus=2",
-    )
+def test_sequential_sweep_shares_one_local_ray(fault_kill_sweep):
+    """The fault_kill sweep (conftest): two runtime=ray jobs, basic launcher, runtime.num_cpus=2."""
+    _, proc = fault_kill_sweep
     assert proc.returncode == 0, proc.stderr[-3000:]
     import re
 
     nodes = re.findall(
-        r"Ray (started for this run|already running) \(node (\w+)\)", proc.stdout + proc.stderr
+        r"Ray (started for this run|already running) \((?:driver on )?node (\w+)", proc.stdout + proc.stderr
     )
     assert [n[0] for n in nodes] == ["already running", "already running"]  # started once, by the sweep
     assert nodes[0][1] == nodes[1][1]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import torch
-from torch import nn
 
 from raypfl.aggregate import Aggregate, ClientUpdate
+
+if TYPE_CHECKING:  # the server half runs where torch need not be imported (the parameter server)
+    import torch
+    from torch import nn
 
 
 @dataclass

@@ -6,14 +6,13 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-import torch
 
 from raypfl.aggregate import Aggregate, ClientUpdate
 from raypfl.algorithms.base import ClientContext
 from raypfl.config import OptimSpec, TrainSpec
-from raypfl.training import make_optimizer, train_local
-from raypfl.vectorized import ClientJob, train_lockstep
-from raypfl.weights import flat_names, get_flat
+
+# The client half imports torch where it runs (inside its methods): the server half is unpickled in the
+# parameter-server actor, which then stays a small numpy-only process.
 
 
 class FedAvg:
@@ -33,6 +32,9 @@ class FedAvg:
         self.stateful_clients = optim.persistent_state
 
     def client_update(self, ctx: ClientContext, global_weights: np.ndarray) -> tuple[ClientUpdate, Any]:
+        from raypfl.training import make_optimizer, train_local
+        from raypfl.weights import get_flat
+
         optimizer = make_optimizer(ctx.model.parameters(), self.optim)
         if self.stateful_clients and ctx.state is not None:
             optimizer.load_state_dict(ctx.state)
@@ -56,6 +58,11 @@ class FedAvg:
 
         All contexts share one model holding the global weights; see `raypfl.vectorized`.
         """
+        import torch
+
+        from raypfl.vectorized import ClientJob, train_lockstep
+        from raypfl.weights import flat_names
+
         model = contexts[0].model
         start = {name: p.detach() for name, p in model.named_parameters()}
         jobs = [

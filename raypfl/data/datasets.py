@@ -1,4 +1,7 @@
-"""Datasets behind one interface: loaded once as normalised numpy arrays, shared by all clients."""
+"""Datasets behind one interface: loaded once as normalised numpy arrays, shared by all clients.
+
+`synthetic` is generated, not loaded: see `raypfl.data.synthetic` (its clients make their own data).
+"""
 
 from __future__ import annotations
 
@@ -17,13 +20,18 @@ _TORCHVISION = {
     "fashion_mnist": ("FashionMNIST", "FashionMNIST", (0.2860,), (0.3530,)),
     "cifar10": ("CIFAR10", "cifar-10-batches-py", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
 }
-DATASETS = tuple(_TORCHVISION)
+GENERATED = ("synthetic",)  # built by raypfl.data.synthetic from the seed, not by load_dataset
+DATASETS = (*_TORCHVISION, *GENERATED)
 DOWNLOAD_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Train and test arrays: x float32 (N, C, H, W) normalised, y int64 (N,)."""
+    """Train and test arrays: x float32 (N, *in_shape), e.g. (N, C, H, W) normalised images; y int64 (N,).
+
+    A generated dataset (synthetic) has empty train arrays, shaped (0, *in_shape): its clients generate
+    their own training data (the partition's `client_data`).
+    """
 
     name: str
     train_x: np.ndarray
@@ -50,6 +58,8 @@ def load_dataset(
     test_limit: int | None = None,
 ) -> Dataset:
     """Load a torchvision dataset from `root` (downloading it if allowed), normalised, maybe truncated."""
+    if name in GENERATED:
+        raise ConfigError(f"dataset={name} is generated from the seed: use raypfl.data.synthetic")
     if name not in _TORCHVISION:
         raise ConfigError(f"unknown dataset={name} (choose from: {', '.join(DATASETS)})")
     root_path = Path(root or default_root()).expanduser().resolve()

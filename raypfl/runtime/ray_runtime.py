@@ -13,20 +13,24 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import numpy as np
 import ray
 
 from raypfl.config import RuntimeSpec
+from raypfl.errors import ConfigError
 from raypfl.runtime.base import (
     Evaluation,
     RoundPlan,
     RoundResult,
     combine_evaluations,
+    notify,
     quorum_for,
     round_trip,
 )
 from raypfl.runtime.parameter_server import ParameterServer
+from raypfl.runtime.placement import actor_location, describe, node_labels, scheduling_options
 from raypfl.runtime.scheduling import assign_cohort, split_range
 from raypfl.runtime.setup import FederationSetup
 from raypfl.runtime.worker import ClientWorker
@@ -54,11 +58,30 @@ def start_ray(spec: RuntimeSpec) -> bool:
 
 
 def pool_size(spec: RuntimeSpec) -> int:
-    """`runtime.num_actors`, or as many 1-CPU actors as Ray has CPUs."""
+    """`runtime.num_actors`, or as many actors as the cluster's CPUs (and GPUs, if asked for) can hold."""
     if spec.num_actors:
         return spec.num_actors
-    cpus = ray.cluster_resources().get("CPU", 1)
-    return max(1, int(cpus // spec.cpus_per_actor))
+    resources = ray.cluster_resources()  # summed over every node of a multi-node cluster
+    fits = int(resources.get("CPU", 1) / spec.cpus_per_actor + 1e-9)
+    if spec.gpus_per_actor:
+        fits = min(fits, int(resources.get("GPU", 0) / spec.gpus_per_actor + 1e-9))
+    return max(1, fits)
+
+
+def check_gpus(spec: RuntimeSpec) -> None:
+    """Fail fast if actors ask for GPUs a local Ray does not have (they would wait forever, unscheduled).
+
+    A joined cluster (`runtime.address`) may still gain GPU nodes (autoscaling): there it is a warning.
+    """
+    if not spec.gpus_per_actor:
+        return
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if gpus >= spec.gpus_per_actor:
+        return
+    message = f"runtime.gpus_per_actor={spec.gpus_per_actor} but Ray has {gpus:g} GPUs"
+    if not spec.address:
+        raise ConfigError(f"{message}; set runtime.gpus_per_actor=0, or join a GPU cluster (runtime.address)")
+    log.warning("%s: the client actors wait until a GPU node joins the cluster", message)
 
 
 @ray.remote(concurrency_groups={"control": 1})
@@ -68,6 +91,12 @@ class ClientActor(ClientWorker):
     @ray.method(concurrency_group="control")
     def cancel_round(self, round_idx: int) -> None:
         ClientWorker.cancel_round(self, round_idx)
+
+    @ray.method(concurrency_group="control")
+    def location(self) -> dict:
+        """Where this actor runs: node id, node IP, pid, assigned GPU ids, and where its model lives."""
+        device = str(next(self.model.parameters()).device)
+        return {**actor_location(), "device": device, "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
 class RayRuntime:
@@ -88,14 +117,35 @@ class RayRuntime:
         self.tolerant = None  # a TolerantRounds when faults are configured
         self._setup_ref = None
         self._weights: tuple[int, object] | None = None  # (version, ObjectRef) of the latest global weights
+        self._ready_refs: list = []
+        self.placement: list[dict] = []
 
     @property
     def parallelism(self) -> int:
         return len(self.actors)
 
+    def expected_parallelism(self) -> int:
+        """The pool's size before it is built: `runtime.num_actors`, or the CPUs Ray will be given."""
+        if self.actors:
+            return len(self.actors)
+        cpus = self.spec.num_cpus or os.cpu_count() or 1
+        return self.spec.num_actors or max(1, int(cpus / self.spec.cpus_per_actor + 1e-9))
+
     def start(self, setup: FederationSetup, initial_weights: np.ndarray, version: int = 0) -> None:
+        """Start (or join) Ray, build the client actors and the parameter server; wait for them."""
+        self.launch(setup, initial_weights, version)
+        self.wait_ready()
+
+    def ready(self) -> bool:
+        """True if every actor has answered `ready` (never blocks)."""
+        done, _ = ray.wait(self._ready_refs, num_returns=len(self._ready_refs), timeout=0)
+        return len(done) == len(self._ready_refs)
+
+    def launch(self, setup: FederationSetup, initial_weights: np.ndarray, version: int = 0) -> None:
+        """Start (or join) Ray and ask for the actors; returns without waiting for them (see `ready`)."""
         self.started_ray = start_ray(self.spec)
         self.setup = setup
+        check_gpus(self.spec)
         num_actors = pool_size(self.spec)
         # dataset arrays go into the object store once; actors read them zero-copy. The runtime holds the
         # reference for its whole life: a restarted actor (faults) is rebuilt from it. (Ray still logs a
@@ -106,28 +156,68 @@ class RayRuntime:
             num_cpus=self.spec.cpus_per_actor,
             num_gpus=self.spec.gpus_per_actor,
             max_restarts=ACTOR_RESTARTS if faulty else 0,
+            **scheduling_options(self.spec.placement),
         )
         self.actors = [actor_cls.remote(setup_ref, self.spec.rebuild_model) for _ in range(num_actors)]
-        server_cls = ray.remote(ParameterServer).options(num_cpus=0)
-        self.server = server_cls.remote(
-            initial_weights, setup.algorithm.server_update, self.keep_versions, version
-        )
         self.sizes = [setup.partition.size(c) for c in range(setup.partition.num_clients)]
         self.sticky = setup.algorithm.stateful_clients
-        self.version = version
-        incarnations = ray.get([actor.ready.remote() for actor in self.actors])  # not billed to round 1
+        self._open(initial_weights, version)  # its process starts while the client actors start
+        self._ready_refs = [actor.ready.remote() for actor in self.actors]
+
+    def wait_ready(self) -> None:
+        """Wait for every actor; then log where they run."""
+        setup, num_actors = self.setup, len(self.actors)
+        faulty = setup.faults is not None and setup.faults.active
+        incarnations = ray.get(self._ready_refs)  # not billed to round 1
         if faulty:
             from raypfl.runtime.tolerant import TolerantRounds
 
             self.tolerant = TolerantRounds(self, setup, incarnations)
         log.info(
-            "ray runtime: %d client actors (%.2g CPU each), parameter server actor; Ray %s (node %s)%s",
+            "ray runtime: %d client actors (%.2g CPU, %.2g GPU each, placement %s), parameter server actor; "
+            "Ray %s (driver on node %s, %d nodes)%s",
             num_actors,
             self.spec.cpus_per_actor,
+            self.spec.gpus_per_actor,
+            self.spec.placement,
             "started for this run" if self.started_ray else "already running",
             ray.get_runtime_context().get_node_id()[:12],
+            len([n for n in ray.nodes() if n.get("Alive")]),
             "; fault-tolerant rounds" if faulty else "",
         )
+        self._record_placement()
+
+    def _record_placement(self) -> None:
+        """Ask every actor where it landed (`self.placement`, one row per actor) and log one line per node."""
+        labels = node_labels()
+        rows = ray.get([actor.location.remote() for actor in self.actors])
+        self.placement = [
+            {"actor": index, **row, "label": labels.get(row["node_id"], "")} for index, row in enumerate(rows)
+        ]
+        for line in describe(self.placement):
+            log.info("placement: %s", line)
+        self._locate_server(labels)
+
+    def _open(self, initial_weights: np.ndarray, version: int) -> None:
+        """Start the parameter-server actor holding `initial_weights` as `version`."""
+        server_cls = ray.remote(ParameterServer).options(num_cpus=0)
+        self.server = server_cls.remote(
+            initial_weights, self.setup.algorithm.server_update, self.keep_versions, version
+        )
+        self.version = version
+        self._weights = None
+
+    def _locate_server(self, labels: dict) -> None:
+        # the parameter server has no method for this; __ray_call__ runs the function inside any actor
+        server = ray.get(self.server.__ray_call__.remote(actor_location))
+        self.server_location = {**server, "label": labels.get(server["node_id"], "")}
+        log.info("placement: parameter server on node %s (%s)", server["node_id"][:12], server["ip"])
+
+    def take_over(self, weights: np.ndarray, version: int) -> None:
+        """Continue from a global model trained elsewhere (the driver, during a warm start)."""
+        self.server.reset.remote(weights, version)  # runs before any later call to the server
+        self.version = version
+        self._weights = None
 
     def _weights_ref(self):
         """The latest global weights in the object store: put once per version, shared by train and eval."""
@@ -135,8 +225,9 @@ class RayRuntime:
             self._weights = (self.version, self.server.pull.remote(self.version))
         return self._weights[1]
 
-    def run_round(self, plan: RoundPlan) -> RoundResult:
+    def run_round(self, plan: RoundPlan, on_submitted: Callable[[], None] | None = None) -> RoundResult:
         if self.tolerant is not None:
+            notify(on_submitted)
             return self.tolerant.run_round(plan)
         version = self.version
         weights_ref = self._weights_ref()
@@ -160,6 +251,11 @@ class RayRuntime:
             push_refs.append(self.server.push.remote(version, partial_ref))
             metric_refs.append(metrics_ref)
             state_refs.append(states_ref)
+        # the server runs its calls in order: the summary and the next version follow the pushes, so
+        # the driver queues them now and waits once, instead of a round trip each
+        summary_ref = self.server.round_summary.remote()
+        self._weights = (version + 1, self.server.pull.remote(version + 1))
+        notify(on_submitted)
         per_actor = ray.get(metric_refs)
         for (index, _), rows in zip(busy, per_actor):
             elapsed = 0.0
@@ -170,18 +266,26 @@ class RayRuntime:
         if self.sticky:
             for part in ray.get(state_refs):
                 states.update(part)
-        ray.get(push_refs)
+        *_, summary = ray.get([*push_refs, summary_ref])
         self.version = version + 1
-        summary = ray.get(self.server.round_summary.remote())
         return RoundResult.from_workers(self.version, per_actor, summary, states)
 
-    def evaluate(self) -> Evaluation:
+    def evaluate_async(self) -> Callable[[], Evaluation]:
+        """Start evaluating the latest global model on the actors (split evenly); call the result to wait.
+
+        Actors run calls in order, so evaluation queued now runs before the next round's training on
+        each actor, but the driver does not wait for it before handing out that round.
+        """
         if self.tolerant is not None:
-            return self.tolerant.evaluate(self._weights_ref())
+            done = self.tolerant.evaluate(self._weights_ref())
+            return lambda: done
         weights_ref = self._weights_ref()
         ranges = split_range(len(self.setup.dataset.test_y), len(self.actors))
         parts = [actor.evaluate.remote(weights_ref, a, b) for actor, (a, b) in zip(self.actors, ranges)]
-        return combine_evaluations(ray.get(parts))
+        return lambda: combine_evaluations(ray.get(parts))
+
+    def evaluate(self) -> Evaluation:
+        return self.evaluate_async()()
 
     def global_weights(self) -> np.ndarray:
         return np.array(ray.get(self._weights_ref()))

@@ -1,11 +1,15 @@
-"""Warm start: train the first rounds in the driver while the Ray actor pool boots.
+"""Warm start: train the first rounds in the driver while Ray and the actor pool boot.
 
 Starting Ray and its actors takes seconds (Ray's processes, then each actor imports torch and maps the
-dataset). Nothing about a round depends on where its clients train (every client's randomness is
-seeded by (root seed, round, client)), so the driver trains rounds itself with an in-process worker
-until the pool is ready, then hands the global model (weights and version) to the parameter-server
-actor and every later round runs on the actors. Same seed, same model: only float summation order
-differs (≤ 1e-6). `runtime.warm_start=false` waits for the pool instead.
+dataset). Nothing about a round depends on where its clients train (every client's randomness is seeded
+by (root seed, round, client)), so the driver trains rounds itself with an in-process worker until the
+pool is ready, then hands the global model (weights and version) to the parameter-server actor and
+every later round runs on the actors. Same seed, same model (only float summation order may differ).
+
+Ray must be started from the main thread (a Ray started elsewhere kills the process on its first
+object-store call from the main thread), so round 1 trains in a helper thread while the main thread
+starts Ray and asks for the actors; later rounds check, without waiting, whether the actors are ready.
+`runtime.warm_start=false` waits for the pool instead.
 """
 
 from __future__ import annotations
@@ -24,22 +28,15 @@ from raypfl.runtime.setup import FederationSetup
 log = logging.getLogger(__name__)
 
 
-def _not_main_thread_notice(record: logging.LogRecord) -> bool:
-    """Drop Ray's notice that it set no SIGTERM handler (it cannot, off the main thread; Ray's processes
-    still notice a driver that dies and clean up)."""
-    return "SIGTERM handler is not set" not in record.getMessage()
-
-
 class WarmStart:
     """A Ray runtime whose first rounds run in the driver until its actors are ready."""
 
     is_driver = True
 
     def __init__(self, pool, keep_versions: int = 2):
-        self.pool = pool  # a RayRuntime: start() in a thread, then take_over(weights, version)
+        self.pool = pool  # a RayRuntime: launch(), ready(), wait_ready(), take_over(weights, version)
         self.local: SequentialRuntime | None = SequentialRuntime(keep_versions)
-        self._boot: threading.Thread | None = None
-        self._error: BaseException | None = None
+        self._boot: tuple[FederationSetup, np.ndarray, int] | None = None  # what the pool starts from
         self._started = 0.0
         self.local_rounds = 0  # rounds the driver trained before the pool took over
 
@@ -57,26 +54,37 @@ class WarmStart:
             self.pool.start(setup, initial_weights, version)
             return
         self.local.start(setup, initial_weights, version)
+        self._boot = (setup, initial_weights, version)
         self._started = time.perf_counter()
-        args = (setup, initial_weights, version)
-        self._boot = threading.Thread(target=self._run_boot, args=args, name="raypfl-boot", daemon=True)
-        self._boot.start()
 
-    def _run_boot(self, setup: FederationSetup, initial_weights: np.ndarray, version: int) -> None:
-        logging.getLogger("ray._private.worker").addFilter(_not_main_thread_notice)
+    def _launch_during(self, plan: RoundPlan, on_submitted: Callable[[], None] | None) -> RoundResult:
+        """Train `plan` in a helper thread while this (main) thread starts Ray and asks for the actors."""
+        outcome: dict = {}
+
+        def train() -> None:
+            try:
+                outcome["result"] = self.local.run_round(plan, on_submitted)
+            except BaseException as exc:  # re-raised below, in the driver's thread
+                outcome["error"] = exc
+
+        worker = threading.Thread(target=train, name="raypfl-warm-round", daemon=True)
+        worker.start()
         try:
-            self.pool.start(setup, initial_weights, version)
-        except BaseException as exc:  # re-raised in the driver's thread at the next round
-            self._error = exc
+            self.pool.launch(*self._boot)
+        finally:
+            self._boot = None
+            worker.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
 
-    def _ready(self) -> bool:
-        """True once the pool has taken over (switching to it the first time it is found ready)."""
+    def _pool_ready(self) -> bool:
+        """True once the pool has taken over (handing it the model the first time it is found ready)."""
         if self.local is None:
             return True
-        if self._boot.is_alive():
+        if not self.pool.ready():
             return False
-        if self._error is not None:
-            raise RuntimeError(f"the Ray actor pool failed to start: {self._error}") from self._error
+        self.pool.wait_ready()  # all answered: this only logs where they run
         self.pool.take_over(self.local.global_weights(), self.local.version)
         log.info(
             "actor pool ready after %.1f s; the driver trained the first %d round(s) meanwhile "
@@ -89,7 +97,10 @@ class WarmStart:
         return True
 
     def run_round(self, plan: RoundPlan, on_submitted: Callable[[], None] | None = None) -> RoundResult:
-        if self._ready():
+        if self._boot is not None:
+            self.local_rounds += 1
+            return self._launch_during(plan, on_submitted)
+        if self._pool_ready():
             return self.pool.run_round(plan, on_submitted)
         self.local_rounds += 1
         return self.local.run_round(plan, on_submitted)
@@ -107,8 +118,6 @@ class WarmStart:
         return self.local.global_weights() if self.local is not None else self.pool.global_weights()
 
     def close(self) -> None:
-        if self._boot is not None:
-            self._boot.join()  # never leave Ray half-started behind us
         if self.local is not None:
             self.local.close()
-        self.pool.close()
+        self.pool.close()  # kills actors that may still be starting, and the Ray we started
