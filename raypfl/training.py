@@ -60,12 +60,13 @@ def train_local(
 ) -> TrainResult:
     """Minimise cross-entropy on `x[indices]` in place; dropout is on (train mode)."""
     model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = 0
     seen = 0
     steps = 0
     for batch in batches(indices, spec, generator):
-        xb, yb = x[batch], y[batch]
+        xb, yb = x[batch].to(device), y[batch].to(device)  # no-ops on the CPU
         optimizer.zero_grad(set_to_none=True)
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
@@ -85,10 +86,11 @@ def evaluate(
 ) -> tuple[float, int, int]:
     """(summed cross-entropy, number correct, number of samples) in eval mode (dropout off)."""
     model.eval()
+    device = next(model.parameters()).device
     loss_sum, correct = 0.0, 0
     for start in range(0, len(y), batch_size):
-        logits = model(x[start : start + batch_size])
-        yb = y[start : start + batch_size]
+        logits = model(x[start : start + batch_size].to(device))
+        yb = y[start : start + batch_size].to(device)
         loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
     return loss_sum, correct, len(y)

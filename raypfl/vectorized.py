@@ -78,6 +78,7 @@ def train_lockstep(
     params = {k: v.detach().unsqueeze(0).repeat(n, *([1] * v.dim())) for k, v in global_weights.items()}
     momentum = {k: torch.zeros_like(v) for k, v in params.items()} if optim.momentum else None
     names = list(params)
+    device = next(iter(params.values())).device
     stack = linear_stack(model) if not optim.momentum and not optim.weight_decay else None
     forward = vmap(lambda p, xb: functional_call(model, p, (xb,)))
 
@@ -96,7 +97,8 @@ def train_lockstep(
         counts = mask.sum(1)
         active = counts > 0
         full = bool(active.all()) and bool((counts == width).all())
-        xb, targets = x[index], y[index]
+        xb, targets = x[index].to(device), y[index].to(device)  # no-ops on the CPU
+        mask, counts, active = mask.to(device), counts.to(device), active.to(device)
         if stack is not None:
             logits, per_client = _fused_linear_step(stack, params, xb, targets, mask, counts, optim.lr)
         else:
@@ -110,10 +112,10 @@ def train_lockstep(
                 _sgd_step(params, momentum, dict(zip(names, grads)), active, full, step, optim)
         with torch.no_grad():
             hits = (logits.argmax(-1) == targets).float() * mask
-            loss_sum += (per_client.detach() * counts).double()
-            correct += hits.sum(1).long()
-            seen += counts.long()
-            taken += active.long()
+            loss_sum += (per_client.detach() * counts).double().cpu()
+            correct += hits.sum(1).long().cpu()
+            seen += counts.long().cpu()
+            taken += active.long().cpu()
     results = [
         TrainResult(
             float(loss_sum[c]) / max(int(seen[c]), 1),

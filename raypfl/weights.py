@@ -22,6 +22,7 @@ def get_flat(model: nn.Module) -> np.ndarray:
     with torch.no_grad():
         return (
             torch.cat([t.detach().reshape(-1) for t in _tensors(model)])
+            .cpu()
             .numpy()
             .astype(np.float32, copy=False)
         )

@@ -188,17 +188,19 @@ def test_sigkill_after_round_3_and_resume_gives_the_uninterrupted_model(tmp_path
 
 
 def test_killing_an_actor_mid_round_loses_no_client_state(ray_session, tmp_path, caplog):
-    args = [
-        *TINY,
-        "runtime.num_actors=2",
-        "optim.persistent_state=true",
-        "optim.momentum=0.9",
-        "train.rounds=3",
-    ]
-    calm = run_experiment(make_config(*args), tmp_path / "calm")
+    args = [*TINY, "optim.persistent_state=true", "optim.momentum=0.9", "train.rounds=3"]
+    # the undisturbed reference: the same run on the sequential runtime (the reference runtime: the same
+    # seeds give the same model as an undisturbed Ray run, see test_runtimes; and it starts no actors)
+    calm = run_experiment(make_config(*args, "runtime=sequential"), tmp_path / "calm")
     with caplog.at_level("WARNING", logger="raypfl"):
         hit = run_experiment(
-            make_config(*args, "faults.kill_at_round=2", "faults.kill_count=1", "faults.retry_backoff_s=0"),
+            make_config(
+                *args,
+                "runtime.num_actors=2",
+                "faults.kill_at_round=2",
+                "faults.kill_count=1",
+                "faults.retry_backoff_s=0",
+            ),
             tmp_path / "hit",
         )
     log = caplog.text

@@ -12,7 +12,15 @@ from raypfl.runtime.base import RoundPlan
 from raypfl.runtime.ray_runtime import RayRuntime
 from tests.conftest import TINY, make_config
 
-DIRICHLET = [*TINY, "partition=dirichlet", "partition.alpha=0.3", "model=tiny_cnn", "clients.per_round=5"]
+DIRICHLET = [
+    *TINY,
+    "dataset.train_limit=1500",  # half of TINY's: tiny_cnn still goes from ~30% to ~70% in 3 rounds
+    "dataset.test_limit=500",
+    "partition=dirichlet",
+    "partition.alpha=0.3",
+    "model=tiny_cnn",
+    "clients.per_round=5",
+]
 
 
 @pytest.fixture(scope="module")

@@ -77,7 +77,7 @@ class FedAvg:
         ]
         stacked, results = train_lockstep(model, start, jobs, self.optim)
         flat = torch.cat([stacked[name].reshape(len(jobs), -1) for name in flat_names(model)], dim=1)
-        deltas = flat.numpy() - global_weights[None, :]
+        deltas = flat.cpu().numpy() - global_weights[None, :]
         updates = []
         for ctx, delta, result in zip(contexts, deltas, results):
             weight = float(len(ctx.indices)) if self.weighting == "samples" else 1.0

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 import ray
+import torch
 
 from raypfl.config import RuntimeSpec
 from raypfl.errors import ConfigError
@@ -86,7 +87,17 @@ def check_gpus(spec: RuntimeSpec) -> None:
 
 @ray.remote(concurrency_groups={"control": 1})
 class ClientActor(ClientWorker):
-    """A ClientWorker as a Ray actor; `cancel_round` runs beside training (its own concurrency group)."""
+    """A ClientWorker as a Ray actor; `cancel_round` runs beside training (its own concurrency group).
+
+    An actor given a GPU share (`runtime.gpus_per_actor`) trains on that GPU; others on the CPU.
+    """
+
+    def __init__(self, setup: FederationSetup, rebuild_model: bool = False):
+        gpus = ray.get_runtime_context().get_accelerator_ids().get("GPU") or []
+        usable = bool(gpus) and torch.cuda.is_available()
+        if gpus and not usable:  # e.g. logical GPUs of a test cluster, or a CPU-only torch build
+            log.warning("actor was given GPU %s but torch sees no CUDA device: training on the CPU", gpus)
+        super().__init__(setup, rebuild_model, device="cuda" if usable else "cpu")
 
     @ray.method(concurrency_group="control")
     def cancel_round(self, round_idx: int) -> None:

@@ -75,10 +75,11 @@ class ClientWorker:
     a round (`cancel_round`) that closed without them: remaining clients and sleeps stop at once.
     """
 
-    def __init__(self, setup: FederationSetup, rebuild_model: bool = False):
+    def __init__(self, setup: FederationSetup, rebuild_model: bool = False, device: str = "cpu"):
         torch.set_num_threads(setup.torch_threads)
         self.rebuild_model = rebuild_model  # build a fresh model per client (the "faithful" seed-system mode)
         self.setup = setup
+        self.device = torch.device(device)  # the model lives here; data stays in (shared) CPU memory
         self.algorithm = setup.algorithm
         data = setup.dataset
         self.x, self.y = _tensor(data.train_x), _tensor(data.train_y)
@@ -91,7 +92,7 @@ class ClientWorker:
 
     def _new_model(self) -> torch.nn.Module:
         data = self.setup.dataset
-        return build_model(self.setup.model_name, data.in_shape, data.num_classes)
+        return build_model(self.setup.model_name, data.in_shape, data.num_classes).to(self.device)
 
     def cancel_round(self, round_idx: int) -> None:
         """Stop working on `round_idx` (it closed): queued clients are skipped, sleeping ones wake up."""
