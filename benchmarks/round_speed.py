@@ -75,6 +75,7 @@ class Run:
     peak_mb: float
     rounds: int
     wall_s: float
+    load: float = 0.0  # 1-minute load average at the end of the run (other work on the machine)
 
     def row(self, floor: Run | None) -> dict:
         return {
@@ -89,6 +90,7 @@ class Run:
             "final_acc": round(self.final_acc, 4),
             "peak_mb": round(self.peak_mb),
             "rounds": self.rounds,
+            "load": round(self.load, 1),
         }
 
 
@@ -184,6 +186,7 @@ def run_one(impl: str, w: workload.Workload, repeat: int, scratch: Path) -> Run:
         peak,
         len(rounds),
         time.time() - started,
+        os.getloadavg()[0],
     )
 
 
@@ -215,6 +218,7 @@ def _median_run(runs: list[Run]) -> Run:
         max(r.peak_mb for r in runs),
         mid.rounds,
         mid.wall_s,
+        max(r.load for r in runs),
     )
 
 
@@ -233,11 +237,11 @@ def agreement(rows: list[dict]) -> list[str]:
 def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     head = (
         "| model | implementation | to end of round 1 (s) | s/round median | min | max | / floor "
-        "| final acc | peak memory (MB) |\n|---|---|---|---|---|---|---|---|---|\n"
+        "| final acc | peak memory (MB) | load |\n|---|---|---|---|---|---|---|---|---|---|\n"
     )
     body = "".join(
         f"| {r['model']} | {r['impl']} | {r['round1_s']} | {r['median_s']} | {r['min_s']} | {r['max_s']} "
-        f"| {r['vs_floor']} | {r['final_acc']:.4f} | {r['peak_mb']} |\n"
+        f"| {r['vs_floor']} | {r['final_acc']:.4f} | {r['peak_mb']} | {r['load']} |\n"
         for r in rows
     )
     cpu = psutil.cpu_count()
