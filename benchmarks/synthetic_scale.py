@@ -52,6 +52,7 @@ class Run:
     clients: int
     repeat: int
     round_s: list[float] = field(default_factory=list)  # steady rounds (from round 2)
+    samples: list[int] = field(default_factory=list)  # training samples of those rounds' cohorts
     final_acc: float = float("nan")
     peak_pss_mb: float = 0.0
     peak_rss_mb: float = 0.0
@@ -120,6 +121,11 @@ def run_one(run: Run, rounds: int, out: Path, extra: list[str], interval: float)
     with (out / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     run.round_s = [float(r["round_s"]) for r in rows if int(r["round"]) >= 2]
+    per_round: dict[int, int] = {}
+    with (out / "clients.csv").open() as f:
+        for r in csv.DictReader(f):
+            per_round[int(r["round"])] = per_round.get(int(r["round"]), 0) + int(r["samples"] or 0)
+    run.samples = [per_round.get(int(r["round"]), 0) for r in rows if int(r["round"]) >= 2]
     run.final_acc = float(next(r["test_acc"] for r in reversed(rows) if r["test_acc"] != ""))
     print(
         f"   median {statistics.median(run.round_s):.3f} s/round, peak PSS {run.peak_pss_mb:.0f} MB "
@@ -160,6 +166,7 @@ def summarize(runs: list[Run]) -> list[dict]:
     for key in dict.fromkeys((r.runtime, r.clients) for r in runs):
         group = [r for r in runs if (r.runtime, r.clients) == key]
         times = [t for r in group for t in r.round_s]
+        samples = [n for r in group for n in r.samples]
         rows.append(
             {
                 "runtime": key[0],
@@ -169,6 +176,7 @@ def summarize(runs: list[Run]) -> list[dict]:
                 "median_round_s": round(statistics.median(times), 4),
                 "min_round_s": round(min(times), 4),
                 "max_round_s": round(max(times), 4),
+                "samples_per_round": round(statistics.mean(samples)),
                 "peak_pss_mb": round(max(r.peak_pss_mb for r in group), 1),
                 "peak_rss_mb": round(max(r.peak_rss_mb for r in group), 1),
                 "peak_processes": max(r.peak_processes for r in group),
@@ -198,12 +206,13 @@ def write_results(rows: list[dict], small: int, large: int, setting: str, costs:
         writer.writerows(rows)
     peak = max(r["peak_pss_mb"] for r in rows)
     lines = [
-        "| runtime | clients | median s/round | min | max | peak memory MB (PSS) | peak RSS MB | "
-        "final accuracy | load avg |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| runtime | clients | median s/round | min | max | samples/round | peak memory MB (PSS) | "
+        "peak RSS MB | final accuracy | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         *(
             f"| {r['runtime']} | {r['clients']:,} | {r['median_round_s']:.3f} | {r['min_round_s']:.3f} | "
-            f"{r['max_round_s']:.3f} | {r['peak_pss_mb']:.0f} | {r['peak_rss_mb']:.0f} | "
+            f"{r['max_round_s']:.3f} | {r['samples_per_round']:,} | {r['peak_pss_mb']:.0f} | "
+            f"{r['peak_rss_mb']:.0f} | "
             f"{100 * r['final_acc']:.2f}% | {r['load_avg']:.1f} |"
             for r in rows
         ),

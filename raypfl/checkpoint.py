@@ -19,6 +19,17 @@ FORMAT = 1
 FINGERPRINT_KEYS = (
     "seed",
     "dataset.name",
+    "dataset.alpha",  # synthetic: the generated federation
+    "dataset.beta",
+    "dataset.iid",
+    "dataset.num_features",
+    "dataset.num_classes",
+    "dataset.size_log_mean",
+    "dataset.size_log_sigma",
+    "dataset.min_size",
+    "dataset.max_size",
+    "dataset.test_clients",
+    "dataset.test_samples",
     "dataset.train_limit",
     "dataset.test_limit",
     "model.name",

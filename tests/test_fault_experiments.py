@@ -25,6 +25,7 @@ def test_fault_dynamic_writes_its_table(tmp_path, data_root):
         "partition.max_size=300",
         "train.rounds=3",
         "runtime.num_cpus=2",
+        "runtime.num_actors=1",  # the table is the same on any pool; each actor process costs seconds
         f"hydra.run.dir={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -19,6 +19,7 @@ MNIST_COUNTS = {
     "torch_example_cnn": 21_840,
     "narrow_cnn": 34_318,
     "deep_mlp": 366_730,
+    "logreg": 7_850,
 }
 DROPOUT_MODELS = ["keras_cnn", "torch_example_cnn"]
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from raypfl.config import RuntimeSpec
+from raypfl.errors import ConfigError
 from raypfl.experiment import run_experiment
 from raypfl.runtime.mpi_runtime import MPIRuntime, ReplicaDivergence
 from raypfl.weights import get_flat
@@ -77,15 +78,9 @@ def test_mpi_ranks_give_the_sequential_model(ranks, mode, sequential_weights, tm
 
 
 def test_runtime_mpi_without_mpiexec_says_so(tmp_path, data_root):
-    proc = subprocess.run(
-        [sys.executable, "-m", "raypfl", *TINY_MPI, "runtime=mpi", f"hydra.run.dir={tmp_path}"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-    assert proc.returncode == 2
-    assert "error: runtime=mpi must be started under mpiexec" in proc.stderr
+    # in-process (this process was not started by mpiexec); a ConfigError exits with code 2 (test_cli)
+    with pytest.raises(ConfigError, match="runtime=mpi must be started under mpiexec"):
+        run_experiment(make_config(*TINY_MPI, "runtime=mpi"), tmp_path)
 
 
 def test_more_ranks_than_clients_says_so(tmp_path, data_root):

@@ -32,6 +32,9 @@ class FedAvg:
         self.stateful_clients = optim.persistent_state
 
     def client_update(self, ctx: ClientContext, global_weights: np.ndarray) -> tuple[ClientUpdate, Any]:
+        import torch
+        from torch.utils._pytree import tree_map
+
         from raypfl.training import make_optimizer, train_local
         from raypfl.weights import get_flat
 
@@ -48,7 +51,9 @@ class FedAvg:
             "train_acc": result.accuracy,
             "steps": result.steps,
         }
-        state = optimizer.state_dict() if self.stateful_clients else None
+        state = None
+        if self.stateful_clients:  # kept by the driver: as CPU tensors, whatever device trained it
+            state = tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, optimizer.state_dict())
         return ClientUpdate(ctx.client, delta, weight, metrics), state
 
     def client_updates(

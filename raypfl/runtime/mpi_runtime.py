@@ -71,9 +71,9 @@ class MPIRuntime:
                 f"mpiexec -n {self.size} starts more ranks than clients.num={setup.partition.num_clients}: "
                 "use at most one rank per client"
             )
+        self.setup = setup
         self.worker = ClientWorker(setup)
         self.parallelism = self.size
-        self.sizes = [setup.partition.size(c) for c in range(setup.partition.num_clients)]
         self.sticky = setup.algorithm.stateful_clients
         self.test_ranges = split_range(len(setup.dataset.test_y), self.size)
         self.weights = np.array(initial_weights, dtype=np.float32)
@@ -128,7 +128,9 @@ class MPIRuntime:
 
     def _round(self, round_idx: int, cohort: list[int]) -> RoundResult | None:
         self._sync_weights()
-        mine = assign_cohort(cohort, [self.sizes[c] for c in cohort], self.size, self.sticky)[self.rank]
+        mine = assign_cohort(cohort, [self.setup.partition.size(c) for c in cohort], self.size, self.sticky)[
+            self.rank
+        ]
         partial, metrics, _ = self.worker.train_cohort(self.weights, round_idx, mine)  # states stay here
         send = partial.total if partial.total is not None else np.zeros(self.weights.size, np.float64)
         meta = (partial.weight, partial.clients, partial.rejected, metrics)

@@ -122,7 +122,6 @@ class RayRuntime:
         self.actors: list = []
         self.server = None
         self.version = 0
-        self.sizes: list[int] = []
         self.sticky = False
         self.setup: FederationSetup | None = None
         self.tolerant = None  # a TolerantRounds when faults are configured
@@ -170,7 +169,6 @@ class RayRuntime:
             **scheduling_options(self.spec.placement),
         )
         self.actors = [actor_cls.remote(setup_ref, self.spec.rebuild_model) for _ in range(num_actors)]
-        self.sizes = [setup.partition.size(c) for c in range(setup.partition.num_clients)]
         self.sticky = setup.algorithm.stateful_clients
         self._open(initial_weights, version)  # its process starts while the client actors start
         self._ready_refs = [actor.ready.remote() for actor in self.actors]
@@ -243,7 +241,9 @@ class RayRuntime:
         version = self.version
         weights_ref = self._weights_ref()
         cohort = plan.cohort
-        groups = assign_cohort(cohort, [self.sizes[c] for c in cohort], len(self.actors), self.sticky)
+        groups = assign_cohort(
+            cohort, [self.setup.partition.size(c) for c in cohort], len(self.actors), self.sticky
+        )
         busy = [(index, group) for index, group in enumerate(groups) if group]
         self.server.expect.remote(version, len(busy), quorum_for(self.setup.faults, len(cohort)))
         metric_refs, state_refs, push_refs = [], [], []

@@ -136,7 +136,7 @@ class TolerantRounds:
         if not self.faults.reassign:
             return {c: (c % total if self.alive[c % total] else None) for c in cohort}
         living = self.living()
-        sizes = [self.rt.sizes[c] for c in cohort]
+        sizes = [self.setup.partition.size(c) for c in cohort]
         groups = assign_cohort(cohort, sizes, len(living), self.rt.sticky)
         return {c: living[g] for g, group in enumerate(groups) for c in group}
 
