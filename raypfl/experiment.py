@@ -171,8 +171,8 @@ def run_experiment(
             if pending is None:
                 return
             done, pending = pending, None
-            row, result = done.finish()
-            tracker.log_round(row, result.client_metrics)
+            row, result, ended = done.finish()
+            tracker.log_round(row, result.client_metrics, ended)
             round_idx = row["round"]
             if (train.checkpoint_every and round_idx % train.checkpoint_every == 0) or not result.quorum_met:
                 _checkpoint(out_dir / FILENAME, cfg, round_idx, runtime, planner, tracker)
@@ -270,10 +270,12 @@ class PendingRound:
     evaluation: Callable[[], Evaluation] | None
     model_bytes: int
 
-    def finish(self) -> tuple[dict, RoundResult]:
-        """Wait for the evaluation; return the round's metrics row and its result."""
+    def finish(self) -> tuple[dict, RoundResult, float]:
+        """Wait for the evaluation; return the round's metrics row, its result and when it ended (epoch s)."""
         evaluation = self.evaluation() if self.evaluation is not None else None
-        return round_row(self, evaluation, time.perf_counter()), self.result
+        now = time.perf_counter()
+        done = evaluation.finished if evaluation is not None and evaluation.finished is not None else now
+        return round_row(self, evaluation, done), self.result, time.time() - (now - done)
 
 
 def start_round(

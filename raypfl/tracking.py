@@ -142,8 +142,9 @@ class RunTracker:
         self.clients.write(client_rows)
         self.progress.advance(len(rows))
 
-    def log_round(self, row: dict, client_rows: list[dict]) -> None:
-        row = {**row, "wall_s": round(self.wall_s(), 3)}
+    def log_round(self, row: dict, client_rows: list[dict], ended: float | None = None) -> None:
+        """Record a finished round; `ended` (epoch seconds) if it ended before now (default: now)."""
+        row = {**row, "wall_s": round((ended or time.time()) - self.started, 3)}
         self.rows.append(row)
         self.client_rows.extend(client_rows)
         self.metrics.write([row])

@@ -85,3 +85,22 @@ def test_a_pool_that_fails_to_start_is_reported(data_root):
     planner = RoundPlanner(clients_spec(cfg), faults_spec(cfg), cfg.seed, 1)
     with pytest.raises(OSError, match="no Ray here"):
         warm.run_round(planner.plan(1))
+
+
+def test_round_one_is_evaluated_while_ray_starts(data_root):
+    """Round 1's evaluation happens beside the launch; the driver later collects it, timestamped."""
+    cfg = make_config(*TINY, "runtime=sequential")
+    setup = build_setup(cfg, load_data(cfg))
+    weights = initial_weights(cfg.model.name, setup.dataset, cfg.seed)
+    reference = SequentialRuntime()
+    reference.start(setup, weights)
+    planner = RoundPlanner(clients_spec(cfg), faults_spec(cfg), cfg.seed, 1)
+    reference.run_round(planner.plan(1))
+    warm = WarmStart(SlowPool())
+    warm.start(setup, weights)
+    warm.run_round(planner.plan(1))
+    early = warm.evaluate_async()()
+    assert early.finished is not None  # computed in the helper thread, before it was collected
+    assert early.accuracy == reference.evaluate().accuracy
+    assert warm.evaluate_async()().finished is None  # used once: later evaluations are fresh
+    warm.close()

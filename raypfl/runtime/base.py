@@ -67,6 +67,7 @@ class Evaluation:
     loss: float
     accuracy: float
     samples: int
+    finished: float | None = None  # time.perf_counter() when it was computed, if before it was collected
 
 
 class Runtime(Protocol):

@@ -39,6 +39,7 @@ class WarmStart:
         self._boot: tuple[FederationSetup, np.ndarray, int] | None = None  # what the pool starts from
         self._started = 0.0
         self.local_rounds = 0  # rounds the driver trained before the pool took over
+        self._early: tuple[int, Evaluation] | None = None  # (version, evaluation) made during the launch
 
     @property
     def parallelism(self) -> int:
@@ -64,6 +65,10 @@ class WarmStart:
         def train() -> None:
             try:
                 outcome["result"] = self.local.run_round(plan, on_submitted)
+                # evaluate here too: the main thread is still starting Ray; the round ends when this is done
+                evaluation = self.local.evaluate()
+                evaluation.finished = time.perf_counter()
+                self._early = (self.local.version, evaluation)
             except BaseException as exc:  # re-raised below, in the driver's thread
                 outcome["error"] = exc
 
@@ -109,6 +114,9 @@ class WarmStart:
         return self.local.evaluate() if self.local is not None else self.pool.evaluate()
 
     def evaluate_async(self) -> Callable[[], Evaluation]:
+        early, self._early = self._early, None
+        if early is not None and early[0] == self.version:  # round 1, evaluated while Ray started
+            return lambda: early[1]
         if self.local is not None:
             done = self.local.evaluate()
             return lambda: done
