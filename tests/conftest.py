@@ -57,6 +57,13 @@ def ray_session():
         ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def ray_address(ray_session) -> str:
+    """The session Ray's address, for a `python -m raypfl` subprocess to join (`runtime.address=...`)
+    instead of starting a Ray of its own (which costs ~10 s of CPU and more of wall time on 2 cores)."""
+    return ray_session.get_runtime_context().gcs_address
+
+
 def sweep(out: Path, *args: str) -> subprocess.CompletedProcess:
     """`python -m raypfl -m ARGS` (a multirun) into the sweep folder `out`."""
     return subprocess.run(
@@ -70,11 +77,12 @@ def sweep(out: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
-def fault_kill_sweep(tmp_path_factory, data_root) -> tuple[Path, subprocess.CompletedProcess]:
+def fault_kill_sweep(tmp_path_factory, data_root, ray_address) -> tuple[Path, subprocess.CompletedProcess]:
     """A tiny fault_kill sweep (kill 0 or 1 of 2 actors), run ONCE for two tests.
 
     test_fault_experiments checks the table it writes; test_sweeps checks that its two runtime=ray jobs
-    (basic launcher, one after another) shared the one local Ray the sweep started.
+    (basic launcher, one after another) shared the one Ray connection the sweep made (SharedRay), here to
+    the session's Ray.
     """
     out = tmp_path_factory.mktemp("fault_kill")
     proc = sweep(
@@ -87,7 +95,7 @@ def fault_kill_sweep(tmp_path_factory, data_root) -> tuple[Path, subprocess.Comp
         "clients.per_round=4",
         "runtime.num_actors=2",  # two clients per actor: losing one actor loses two clients
         "runtime.cpus_per_actor=1",
-        "runtime.num_cpus=2",
+        f"runtime.address={ray_address}",  # the session's Ray (2 CPUs), not one more Ray
         "train.rounds=3",
         "faults.kill_count=0,1",
     )

@@ -15,7 +15,7 @@ def read(path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_fault_dynamic_writes_its_table(tmp_path, data_root):
+def test_fault_dynamic_writes_its_table(tmp_path, data_root, ray_address):
     proc = run_cli(
         "+experiment=fault_dynamic",
         *TINY_DATA,
@@ -24,7 +24,7 @@ def test_fault_dynamic_writes_its_table(tmp_path, data_root):
         "clients.join_schedule={1: 2, 2: 2, 3: 2}",
         "partition.max_size=300",
         "train.rounds=3",
-        "runtime.num_cpus=2",
+        f"runtime.address={ray_address}",  # the session's Ray (2 CPUs), not one more Ray
         "runtime.num_actors=1",  # the table is the same on any pool; each actor process costs seconds
         f"hydra.run.dir={tmp_path}",
     )

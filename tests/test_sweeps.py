@@ -28,6 +28,8 @@ def read_csv(path: Path) -> list[dict]:
 SHRINK = {
     "fault_dynamic": ["partition.max_size=200"],
 }
+#: How the smoke run shrinks the data (generated data has no train/test limits: fewer, smaller clients).
+SMALL_DATA = {"synthetic_scale": ["dataset.test_clients=20", "dataset.max_size=200"]}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -37,8 +39,7 @@ def test_every_experiment_config_composes_and_runs_one_round(name, tmp_path, dat
         "train.rounds=1",
         "clients.num=4",
         "clients.per_round=2",
-        "dataset.train_limit=1000",
-        "dataset.test_limit=200",
+        *SMALL_DATA.get(name, ["dataset.train_limit=1000", "dataset.test_limit=200"]),
         *SHRINK.get(name, []),
     ]
     cfg = make_config(*overrides)
@@ -56,11 +57,11 @@ def test_every_experiment_config_composes_and_runs_one_round(name, tmp_path, dat
 
 
 @pytest.fixture(scope="module")
-def broken_sweep(tmp_path_factory, data_root):
+def broken_sweep(tmp_path_factory, data_root, ray_address):
     """A 2x2 sweep on the Ray launcher, one lr invalid: two jobs fail, two succeed.
 
     One sweep for three tests: its report, the report rebuilt from its folders, and the Ray launcher (the
-    two good jobs, 0 and 1, run at the same time, 2 at a time on 2 CPUs).
+    two good jobs, 0 and 1, run at the same time, 2 at a time on the session Ray's 2 CPUs).
     """
     out = tmp_path_factory.mktemp("sweep")
     proc = sweep(
@@ -73,7 +74,7 @@ def broken_sweep(tmp_path_factory, data_root):
         "optim.lr=0.1,-1",
         "seed=0,1",
         "hydra/launcher=ray",
-        "hydra.launcher.num_cpus=2",
+        f"hydra.launcher.address={ray_address}",
     )
     return out, proc
 
@@ -227,7 +228,10 @@ def test_progress_bar_only_on_a_terminal(capsys):
 
 
 def test_sequential_sweep_shares_one_local_ray(fault_kill_sweep):
-    """The fault_kill sweep (conftest): two runtime=ray jobs, basic launcher, runtime.num_cpus=2."""
+    """The fault_kill sweep (conftest): two runtime=ray jobs on the basic launcher.
+
+    The sweep's SharedRay callback starts (here: connects to) Ray once; each job then finds it running.
+    """
     _, proc = fault_kill_sweep
     assert proc.returncode == 0, proc.stderr[-3000:]
     import re
