@@ -128,6 +128,7 @@ class RayRuntime:
         self._setup_ref = None
         self._weights: tuple[int, object] | None = None  # (version, ObjectRef) of the latest global weights
         self._ready_refs: list = []
+        self._previous: tuple[int, object] | None = None  # the current version while the next is pulled
         self.placement: list[dict] = []
 
     @property
@@ -214,7 +215,7 @@ class RayRuntime:
             initial_weights, self.setup.algorithm.server_update, self.keep_versions, version
         )
         self.version = version
-        self._weights = None
+        self._weights = self._previous = None
 
     def _locate_server(self, labels: dict) -> None:
         # the parameter server has no method for this; __ray_call__ runs the function inside any actor
@@ -226,12 +227,18 @@ class RayRuntime:
         """Continue from a global model trained elsewhere (the driver, during a warm start)."""
         self.server.reset.remote(weights, version)  # runs before any later call to the server
         self.version = version
-        self._weights = None
+        self._weights = self._previous = None
 
     def _weights_ref(self):
-        """The latest global weights in the object store: put once per version, shared by train and eval."""
-        if self._weights is None or self._weights[0] != self.version:
-            self._weights = (self.version, self.server.pull.remote(self.version))
+        """The latest global weights in the object store: put once per version, shared by train and eval.
+
+        While a round is out, the next version's ref is already queued (`_weights`) and the current one is
+        kept (`_previous`), so a checkpoint of the current version does not wait for the round.
+        """
+        for cached in (self._weights, self._previous):
+            if cached is not None and cached[0] == self.version:
+                return cached[1]
+        self._weights = (self.version, self.server.pull.remote(self.version))
         return self._weights[1]
 
     def run_round(self, plan: RoundPlan, on_submitted: Callable[[], None] | None = None) -> RoundResult:
@@ -265,6 +272,7 @@ class RayRuntime:
         # the server runs its calls in order: the summary and the next version follow the pushes, so
         # the driver queues them now and waits once, instead of a round trip each
         summary_ref = self.server.round_summary.remote()
+        self._previous = (version, weights_ref)
         self._weights = (version + 1, self.server.pull.remote(version + 1))
         notify(on_submitted)
         per_actor = ray.get(metric_refs)
