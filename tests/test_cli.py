@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from raypfl.errors import DataError
+from raypfl.experiment import run_experiment
+from tests.conftest import REPO, make_config
 
 
 def run_cli(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
@@ -41,16 +43,13 @@ def test_bad_input_exits_2_with_one_line(args, expected, tmp_path):
 
 
 def test_missing_dataset_says_where_it_looked(tmp_path):
+    # in-process: the command line prints this DataError in one line and exits 2 (the test below)
     empty = tmp_path / "nodata"
-    proc = run_cli(
-        "+experiment=fedavg",
-        f"dataset.root={empty}",
-        "dataset.download=false",
-        f"hydra.run.dir={tmp_path / 'run'}",
-    )
-    assert proc.returncode == 2
-    assert f"mnist not found in {empty}/MNIST" in proc.stderr
-    assert "RAYPFL_DATA" in proc.stderr
+    cfg = make_config("+experiment=fedavg", f"dataset.root={empty}", "dataset.download=false")
+    with pytest.raises(DataError) as err:
+        run_experiment(cfg, tmp_path / "run")
+    assert f"mnist not found in {empty}/MNIST (dataset.download=false)" in str(err.value)
+    assert "RAYPFL_DATA" in str(err.value)
 
 
 def test_missing_dataset_and_no_network_fails_without_hanging(tmp_path):
@@ -65,3 +64,4 @@ def test_missing_dataset_and_no_network_fails_without_hanging(tmp_path):
     )
     assert proc.returncode == 2
     assert f"mnist not found in {empty}/MNIST (download failed" in proc.stderr
+    assert "RAYPFL_DATA" in proc.stderr and "Traceback" not in proc.stderr

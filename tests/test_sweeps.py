@@ -26,7 +26,7 @@ def read_csv(path: Path) -> list[dict]:
 
 #: What a 1-round smoke run of an experiment must shrink besides the data (sizes that no longer fit).
 SHRINK = {
-    "fault_dynamic": ["partition.max_size=200"],
+    "fault_dynamic": ["partition.max_size=150"],  # 4 clients x at most 150 images fit in 600
 }
 #: How the smoke run shrinks the data (generated data has no train/test limits: fewer, smaller clients).
 SMALL_DATA = {"synthetic_scale": ["dataset.test_clients=20", "dataset.max_size=200"]}
@@ -39,7 +39,7 @@ def test_every_experiment_config_composes_and_runs_one_round(name, tmp_path, dat
         "train.rounds=1",
         "clients.num=4",
         "clients.per_round=2",
-        *SMALL_DATA.get(name, ["dataset.train_limit=1000", "dataset.test_limit=200"]),
+        *SMALL_DATA.get(name, ["dataset.train_limit=600", "dataset.test_limit=100"]),
         *SHRINK.get(name, []),
     ]
     cfg = make_config(*overrides)
