@@ -166,6 +166,7 @@ def validate(cfg: DictConfig) -> None:
     from raypfl.data.datasets import DATASETS
     from raypfl.data.partitions import PARTITIONERS
     from raypfl.models import MODELS
+    from raypfl.paradigms.spec import FEDERATED, paradigm_of, validate_paradigm
 
     logger = cfg.get("logger", {}).get("name", "none")
     _require(logger in LOGGERS, f"logger={logger} must be one of {', '.join(LOGGERS)}")
@@ -264,6 +265,9 @@ def validate(cfg: DictConfig) -> None:
             value <= 1 or float(value).is_integer(),
             f"runtime.{key}={value}: Ray needs a fraction <= 1 or a whole number",
         )
+    validate_paradigm(cfg)
+    if paradigm_of(cfg) != FEDERATED:
+        return
     from raypfl.runtime.placement import PLACEMENTS
 
     _require(

@@ -32,6 +32,7 @@ from raypfl.data.synthetic import NAME as SYNTHETIC
 from raypfl.data.synthetic import SyntheticPartition, synthetic_dataset, synthetic_spec
 from raypfl.errors import ConfigError, RunStopped
 from raypfl.models import build_model
+from raypfl.paradigms.spec import FEDERATED, paradigm_of
 from raypfl.planning import RoundPlanner
 from raypfl.runtime import Runtime, build_runtime
 from raypfl.runtime.base import Evaluation, RoundPlan, RoundResult
@@ -125,6 +126,10 @@ def run_experiment(
     only serve rank 0.
     """
     out_dir = Path(out_dir)
+    if paradigm_of(cfg) != FEDERATED:  # parameter-server SGD, all-reduce or gossip
+        from raypfl.paradigms.run import run_paradigm
+
+        return run_paradigm(cfg, out_dir, build_sinks(cfg, out_dir, group, name), started)
     train = train_spec(cfg)
     faults = faults_spec(cfg)
     resumed = _load_resume(cfg, train)

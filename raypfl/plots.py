@@ -139,3 +139,42 @@ def plot_client_timing(client_rows: list[dict], path: Path, max_clients: int = 3
     for ax in (ax_work, ax_rtt):
         ax.grid(alpha=0.3)
     return save_figure(fig, path)
+
+
+BREAKDOWN_PARTS = [
+    ("compute_s", "compute"),
+    ("comm_s", "communication + waiting"),
+    ("apply_s", "apply / aggregate"),
+]
+
+
+def plot_curves(runs: dict[str, list[dict]], path: Path) -> Path:
+    """Test accuracy against samples processed (epochs) and against wall time, one line per run."""
+    fig, (ax_s, ax_t) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, rows in runs.items():
+        rows = [r for r in rows if r.get("test_acc") not in (None, "")]
+        acc = [100 * float(r["test_acc"]) for r in rows]
+        ax_s.plot([float(r["epoch"]) for r in rows], acc, marker=".", label=name)
+        ax_t.plot([float(r["wall_s"]) for r in rows], acc, marker=".", label=name)
+    ax_s.set(xlabel="epochs of samples processed", ylabel="test accuracy (%)", title="Accuracy per sample")
+    ax_t.set(xlabel="wall time (s)", ylabel="test accuracy (%)", title="Accuracy per second")
+    for ax in (ax_s, ax_t):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        low = min((line.get_ydata().min() for line in ax.get_lines() if len(line.get_ydata())), default=0)
+        ax.set_ylim(max(low, 80) - 1, 100)
+    return save_figure(fig, path)
+
+
+def plot_breakdown(means: dict[str, dict[str, float]], path: Path) -> Path:
+    """Stacked bars: mean milliseconds per iteration spent computing, communicating and applying."""
+    fig, ax = plt.subplots(figsize=(1.6 * len(means) + 3, 4))
+    names = list(means)
+    bottom = [0.0] * len(names)
+    for key, label in BREAKDOWN_PARTS:
+        values = [1000 * means[n].get(key, 0.0) for n in names]
+        ax.bar(names, values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set(ylabel="ms per iteration (mean over workers)", title="Where an iteration's time goes")
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)

@@ -15,6 +15,8 @@ FAULT = 5
 SPEED = 6
 KILL = 7
 SYNTHETIC = 8  # dataset=synthetic: client sizes, generating models, samples
+GOSSIP = 9  # random gossip topologies
+SHARD = 10  # batch order of a worker or node in the non-federated paradigms
 
 
 def derive_seed(root: int, tag: int, *keys: int) -> int:

@@ -7,11 +7,9 @@ import netrc
 import os
 from pathlib import Path
 
-from raypfl.tracking import CLIENT_COLUMNS, METRIC_COLUMNS
+from raypfl.tracking import CLIENT_COLUMNS
 
 log = logging.getLogger("raypfl")
-
-ROUND_KEYS = [c for c in METRIC_COLUMNS if c != "round"]  # the step is the round
 
 
 def resolve_mode(requested: str | None) -> str:
@@ -64,7 +62,8 @@ class WandbSink:
         log.info("wandb: %s run %s (group %s)", self.mode, self.run.id, group)
 
     def log_round(self, row: dict, client_rows: list[dict]) -> None:
-        metrics = {k: row[k] for k in ROUND_KEYS if k in row and row[k] != ""}
+        # FedAvg rows have METRIC_COLUMNS; the other paradigms' rows add their own numeric columns
+        metrics = {k: v for k, v in row.items() if k != "round" and isinstance(v, (int, float))}
         self.run.log(metrics, step=int(row["round"]))
         # missing values (late clients have no loss, unbalanced runs no work): None, not "", for W&B types
         self.table_rows.extend(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from torch import nn
@@ -17,6 +19,13 @@ def flat_names(model: nn.Module) -> list[str]:
     return [k for k, t in model.state_dict(keep_vars=True).items() if t.is_floating_point()]
 
 
+def shared_tensor(array: np.ndarray) -> torch.Tensor:
+    """Wrap a (possibly read-only, shared-memory) array without copying it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # Ray's zero-copy arrays are read-only; we never write
+        return torch.from_numpy(array)
+
+
 def get_flat(model: nn.Module) -> np.ndarray:
     """Copy the model's weights into a new flat float32 numpy vector."""
     with torch.no_grad():
@@ -30,7 +39,7 @@ def get_flat(model: nn.Module) -> np.ndarray:
 
 def set_flat(model: nn.Module, flat: np.ndarray | torch.Tensor) -> None:
     """Load a flat vector (as produced by `get_flat`) into the model in place."""
-    vec = torch.as_tensor(np.asarray(flat, dtype=np.float32))
+    vec = flat if isinstance(flat, torch.Tensor) else shared_tensor(np.asarray(flat, dtype=np.float32))
     offset = 0
     with torch.no_grad():
         for t in _tensors(model):

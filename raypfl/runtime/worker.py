@@ -10,7 +10,6 @@ import copy
 import logging
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,16 +23,9 @@ from raypfl.balancing import work_amount
 from raypfl.models import build_model
 from raypfl.runtime.setup import FederationSetup
 from raypfl.training import evaluate
-from raypfl.weights import set_flat
+from raypfl.weights import set_flat, shared_tensor
 
 log = logging.getLogger(__name__)
-
-
-def _tensor(array: np.ndarray) -> torch.Tensor:
-    """Wrap a (possibly read-only, shared-memory) array without copying it."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # Ray's zero-copy arrays are read-only; we never write
-        return torch.from_numpy(array)
 
 
 def client_seed(root: int, round_idx: int, client: int) -> int:
@@ -82,8 +74,8 @@ class ClientWorker:
         self.device = torch.device(device)  # the model lives here; data stays in (shared) CPU memory
         self.algorithm = setup.algorithm
         data = setup.dataset
-        self.x, self.y = _tensor(data.train_x), _tensor(data.train_y)
-        self.test_x, self.test_y = _tensor(data.test_x), _tensor(data.test_y)
+        self.x, self.y = shared_tensor(data.train_x), shared_tensor(data.train_y)
+        self.test_x, self.test_y = shared_tensor(data.test_x), shared_tensor(data.test_y)
         torch.manual_seed(setup.seed)  # weights are overwritten before use; this keeps init cheap and quiet
         self.model = self._new_model()
         self.client_states: dict[int, Any] = {}  # used when the driver does not pass states (MPI ranks)
@@ -252,7 +244,7 @@ class ClientWorker:
         if generate is None:
             return self.x, self.y, partition.indices(client, round_idx)
         x, y = generate(client, round_idx)
-        return _tensor(x), _tensor(y), np.arange(len(y), dtype=np.int64)
+        return shared_tensor(x), shared_tensor(y), np.arange(len(y), dtype=np.int64)
 
     def _slow_down(self, client: int, round_idx: int, compute_s: float) -> bool:
         """Sleep `(speed factor - 1) * compute` for a slow client; False if the round was cancelled."""

@@ -1,0 +1,161 @@
+"""The four non-federated paradigms end to end on Ray (small MNIST), and `python -m raypfl.compare`."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from raypfl.config import validate
+from raypfl.experiment import load_data, run_experiment
+from tests.conftest import make_config
+
+SMALL = ["dataset.train_limit=4000", "dataset.test_limit=1000", "distributed.eval_samples=2000"]
+
+
+def run(tmp_path, experiment: str, *overrides: str):
+    cfg = make_config(f"+experiment={experiment}", *SMALL, *overrides)
+    validate(cfg)
+    return run_experiment(cfg, tmp_path / experiment)
+
+
+def read(path) -> list[dict]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("experiment", ["ps_sync", "ps_async", "allreduce", "gossip"])
+def test_paradigm_learns_and_leaves_its_outputs(tmp_path, data_root, ray_session, experiment):
+    result = run(tmp_path, experiment, "distributed.epochs=2")
+    rows = result.rounds
+    assert rows[-1]["samples"] >= 8000 and rows[-1]["epoch"] >= 2.0
+    assert result.final_accuracy > 0.8  # 2 epochs of 4,000 images; chance is 0.1
+    assert rows[0]["samples"] < rows[-1]["samples"] and rows[-1]["wall_s"] > 0
+    out = result.out_dir
+    for name in (
+        "metrics.csv",
+        "breakdown.csv",
+        "summary.json",
+        "curve.png",
+        "time.png",
+        "model.pt",
+        "config.yaml",
+    ):
+        assert (out / name).exists(), name
+    breakdown = read(out / "breakdown.csv")
+    assert {r["worker"] for r in breakdown} == {"0", "1"}
+    assert all(float(r["compute_s"]) > 0 for r in breakdown)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["paradigm"] == experiment and summary["per_iteration"]["compute_s"] > 0
+
+
+@pytest.fixture(scope="module")
+def sync_runs(tmp_path_factory, data_root, ray_session) -> dict:
+    """ps_sync and allreduce, half an epoch each, same seed and shards."""
+    out = tmp_path_factory.mktemp("sync")
+    return {name: run(out, name, "distributed.epochs=0.5") for name in ("ps_sync", "allreduce")}
+
+
+def test_ps_sync_on_ray_is_the_same_arithmetic_as_in_process(sync_runs):
+    """The Ray actors' loop (pull, gradient, push; server combines) gives the in-process result exactly."""
+    from raypfl.paradigms.gradient_server import GradientServer
+    from raypfl.paradigms.run import build_context
+    from raypfl.paradigms.worker import ShardTrainer
+
+    result = sync_runs["ps_sync"]
+    cfg = make_config("+experiment=ps_sync", *SMALL, "distributed.epochs=0.5")
+    ctx = build_context(cfg, load_data(cfg))
+    steps = result.rounds[-1]["iteration"]
+    ps = GradientServer(ctx.weights, ctx.optim, ctx.ps, 2, "sync", ctx.total_samples, 10**9, steps)
+    workers = [
+        ShardTrainer(
+            ctx.dataset, ctx.partition.indices(k, 1), ctx.model_name, ctx.weights, ctx.optim, 32, 0, k
+        )
+        for k in range(2)
+    ]
+    for v in range(steps):
+        for k, w in enumerate(workers):
+            grad, loss, n = w.gradient(ps.pull(v))
+            ps.push(v, grad, k, v, loss, n)
+    assert np.array_equal(ps.pull_latest()[1], result.weights)
+
+
+def test_ps_sync_with_mean_and_allreduce_train_the_same_model(sync_runs):
+    """Both average the two workers' gradients of the same batches and step the same optimizer."""
+    ps_sync, allreduce = sync_runs["ps_sync"], sync_runs["allreduce"]
+    assert ps_sync.rounds[-1]["samples"] == allreduce.rounds[-1]["samples"]
+    assert np.max(np.abs(ps_sync.weights - allreduce.weights)) <= 1e-5
+
+
+def test_allreduce_replica_check_is_logged_and_catches_divergence(sync_runs, caplog):
+    import ray
+
+    from raypfl.paradigms import allreduce
+    from raypfl.paradigms.run import build_context
+
+    summary = json.loads((sync_runs["allreduce"].out_dir / "summary.json").read_text())
+    assert summary["replica_check"] == "passed" and summary["replica_max_abs_diff"] <= 1e-6
+    caplog.set_level("INFO", logger="raypfl")
+    cfg = make_config("+experiment=allreduce", *SMALL, "distributed.epochs=0.2")
+    ctx = build_context(cfg, load_data(cfg))
+    ctx.dataset_ref = ray.put(ctx.dataset)
+    with pytest.raises(allreduce.ReplicaDivergence, match="diverged"):
+        list(allreduce.train(ctx, perturb_rank=1))
+    ctx.summary.clear()
+    assert len(list(allreduce.train(ctx))) >= 1 and ctx.summary["replica_check"] == "passed"
+    assert "replica check passed" in caplog.text
+
+
+def test_ps_async_straggler_shows_in_the_staleness_statistics(tmp_path, data_root, ray_session, caplog):
+    caplog.set_level("INFO", logger="raypfl")
+    result = run(
+        tmp_path,
+        "ps_async",
+        "distributed.epochs=1",
+        "distributed.straggler=1",
+        "distributed.straggler_delay_s=0.02",
+    )
+    summary = json.loads((result.out_dir / "summary.json").read_text())
+    fast, slow = summary["workers"]["0"], summary["workers"]["1"]
+    assert fast["gradients"] > 2 * slow["gradients"]  # the fast worker did most of the work
+    assert slow["staleness_mean"] > fast["staleness_mean"]  # and the slow one's gradients were staler
+    assert summary["received"] == fast["gradients"] + slow["gradients"]
+    assert "worker 1:" in caplog.text and "staleness mean" in caplog.text
+    assert read(result.out_dir / "staleness.csv")
+
+
+def test_gossip_logs_consensus_and_every_node(tmp_path, data_root, ray_session):
+    result = run(tmp_path, "gossip", "distributed.epochs=1", "gossip.nodes=4", "gossip.local_steps=5")
+    rows = result.rounds
+    assert all(r["consensus"] > 0 for r in rows) and rows[-1]["node_acc_min"] > 0.5
+    nodes = read(result.out_dir / "nodes.csv")
+    assert {r["node"] for r in nodes} == {"0", "1", "2", "3"}
+    assert len(nodes) == 4 * len(rows)
+    pairwise = run(
+        tmp_path / "p",
+        "gossip",
+        "distributed.epochs=1",
+        "gossip.nodes=4",
+        "gossip.local_steps=5",
+        "gossip.variant=pairwise",
+    )
+    assert pairwise.final_accuracy > 0.5 and len(pairwise.rounds) == len(rows)
+
+
+def test_compare_writes_one_table_and_plots(tmp_path, data_root, ray_session):
+    """Three of the runs (FedAvg's path, a paradigm, a variant): each paradigm runs alone above."""
+    from raypfl.compare import main
+
+    results = tmp_path / "results"
+    paradigms = ["fedavg", "allreduce", "gossip_pairwise"]
+    args = ["--models", "mlp", "--epochs", "0.5", "--results", str(results), "--out", str(tmp_path / "runs")]
+    assert main([*args, "--paradigms", *paradigms, *SMALL, "gossip.local_steps=2"]) == 0
+    table = read(results / "compare.csv")
+    assert [r["paradigm"] for r in table] == paradigms
+    samples = [int(r["samples"]) for r in table]
+    assert min(samples) >= 2000 and max(samples) <= 1.1 * 2000  # the same budget of samples processed
+    assert all(0.5 < float(r["final_acc"]) <= 1 for r in table)
+    for name in ("compare.md", "compare_mlp.png", "compare_time.png"):
+        assert (results / name).exists()
