@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.results / "compare.md").write_text(markdown(table))
     for model, runs in curves.items():
         plots.plot_curves(runs, args.results / f"compare_{model}.png")
-    plots.plot_breakdown(times, args.results / "compare_time.png")
+    plots.plot_breakdown(times, args.results / "compare_time.png", shares=True)
     print(markdown(table))
     print(f"wrote {args.results / 'compare.md'}, compare.csv, compare_*.png; runs in {out}")
     return 0

@@ -166,15 +166,36 @@ def plot_curves(runs: dict[str, list[dict]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def plot_breakdown(means: dict[str, dict[str, float]], path: Path) -> Path:
-    """Stacked bars: mean milliseconds per iteration spent computing, communicating and applying."""
-    fig, ax = plt.subplots(figsize=(1.6 * len(means) + 3, 4))
+def plot_breakdown(means: dict[str, dict[str, float]], path: Path, shares: bool = False) -> Path:
+    """Stacked bars of the mean time per iteration: compute, communication, apply.
+
+    `shares=True` stacks percentages instead (iterations of different paradigms differ by orders of
+    magnitude: a FedAvg round against one gradient step) and writes each bar's ms per iteration on top.
+    """
+    fig, ax = plt.subplots(figsize=(1.3 * len(means) + 3, 4.5))
     names = list(means)
+    totals = [sum(means[n].get(k, 0.0) for k, _ in BREAKDOWN_PARTS) for n in names]
     bottom = [0.0] * len(names)
     for key, label in BREAKDOWN_PARTS:
-        values = [1000 * means[n].get(key, 0.0) for n in names]
+        values = [
+            100 * means[n].get(key, 0.0) / t if shares and t > 0 else 1000 * means[n].get(key, 0.0)
+            for n, t in zip(names, totals)
+        ]
         ax.bar(names, values, bottom=bottom, label=label)
         bottom = [b + v for b, v in zip(bottom, values)]
-    ax.set(ylabel="ms per iteration (mean over workers)", title="Where an iteration's time goes")
-    ax.legend(fontsize=8)
+    if shares:
+        for x, total in enumerate(totals):
+            ms = 1000 * total
+            ax.text(
+                x, 101, f"{ms:,.0f} ms" if ms >= 100 else f"{ms:.3g} ms", ha="center", va="bottom", fontsize=7
+            )
+        ax.set_ylim(0, 112)
+        ax.set(
+            ylabel="share of an iteration's time (%)",
+            title="Where an iteration's time goes (ms per iteration on top)",
+        )
+    else:
+        ax.set(ylabel="ms per iteration (mean over workers)", title="Where an iteration's time goes")
+    ax.tick_params(axis="x", labelsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     return save_figure(fig, path)

@@ -64,7 +64,7 @@ def sequential_weights(tmp_path_factory, data_root) -> np.ndarray:
     ).weights
 
 
-@pytest.mark.parametrize(("ranks", "mode"), [(1, "server"), (2, "server"), (2, "allgather")])
+@pytest.mark.parametrize(("ranks", "mode"), [(2, "server"), (2, "allgather")])
 def test_mpi_ranks_give_the_sequential_model(ranks, mode, sequential_weights, tmp_path):
     proc = mpirun(ranks, tmp_path, f"runtime.mpi_mode={mode}")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -177,9 +177,11 @@ def test_topology_shapes():
     assert spectral_gap(complete) == pytest.approx(1.0) and spectral_gap(ring) < 0.3
 
 
-def test_replica_check_catches_a_perturbed_replica():
+def test_replica_check_catches_a_perturbed_replica(caplog):
+    caplog.set_level("INFO", logger="raypfl")
     w = np.random.default_rng(0).standard_normal(100).astype(np.float32)
     assert check_replicas([w, w.copy(), w.copy()]) == 0.0
+    assert "replica check passed: 3 replicas" in caplog.text
     perturbed = w.copy()
     perturbed[17] += 1e-4
     with pytest.raises(ReplicaDivergence, match="diverged"):

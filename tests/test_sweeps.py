@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from raypfl.config import validate
+from raypfl.errors import ConfigError
 from raypfl.experiment import initial_weights, load_data, run_experiment
 from tests.conftest import CONF_DIR, REPO, make_config, sweep
 
@@ -48,9 +49,13 @@ def test_every_experiment_config_composes_and_runs_one_round(name, tmp_path, dat
     ]
     cfg = make_config(*overrides)
     if cfg.runtime.name == "ray":
-        # one client actor runs the round (each actor is a process that imports torch: seconds of CPU);
-        # pools of several actors are tested in test_runtimes and test_faults
-        cfg = make_config(*overrides, "runtime.num_actors=1")
+        # the sequential runtime where the config allows it, else one client actor (each actor is a process
+        # that imports torch: seconds of CPU); Ray runs of these configs are in test_experiment, test_faults
+        try:
+            cfg = make_config(*overrides, "runtime=sequential")
+            validate(cfg)
+        except ConfigError:
+            cfg = make_config(*overrides, "runtime.num_actors=1")
     validate(cfg)
     result = run_experiment(cfg, tmp_path)
     [row] = result.rounds

@@ -39,6 +39,9 @@ def check_replicas(replicas: list[np.ndarray], tolerance: float = REPLICA_TOLERA
     gap = float(np.max([np.max(np.abs(r - replicas[0])) for r in replicas]))  # NaN propagates
     if not gap <= tolerance:  # (NaN fails too)
         raise ReplicaDivergence(f"all-reduce replicas diverged: max abs difference {gap:.3g} > {tolerance:g}")
+    log.info(
+        "replica check passed: %d replicas, max abs difference %.3g <= %g", len(replicas), gap, tolerance
+    )
     return gap
 
 
@@ -55,17 +58,7 @@ class AllReduceWorker:
     def __init__(self, ctx: ParadigmContext, dataset, rank: int):
         torch.set_num_threads(ctx.torch_threads)
         self.rank, self.world = rank, ctx.dist.workers
-        self.trainer = ShardTrainer(
-            dataset,
-            ctx.partition.indices(rank, 1),
-            ctx.model_name,
-            ctx.weights,
-            ctx.optim,
-            ctx.dist.batch_size,
-            ctx.seed,
-            rank,
-            ctx.delay(rank),
-        )
+        self.trainer = ShardTrainer.for_shard(ctx, dataset, rank, ctx.delay(rank))
         self.points: list[Point] = []
 
     def rendezvous(self) -> str:
@@ -148,12 +141,6 @@ def train(ctx: ParadigmContext, perturb_rank: int | None = None) -> Iterator[Poi
             ray.get(workers[perturb_rank].perturb.remote(1e-3))
         gap = check_replicas(ray.get([w.weights.remote() for w in workers]))
         ctx.summary.update({"replicas": len(workers), "replica_max_abs_diff": gap, "replica_check": "passed"})
-        log.info(
-            "replica check passed: %d replicas, max abs difference %.3g <= %g",
-            len(workers),
-            gap,
-            REPLICA_TOLERANCE,
-        )
     finally:
         for w in workers:  # frees their CPUs for whatever runs next; the gloo group ends with them
             ray.kill(w)

@@ -51,20 +51,7 @@ class GossipHost:
     def __init__(self, ctx: ParadigmContext, dataset, nodes: list[int], host: int):
         torch.set_num_threads(ctx.torch_threads)
         self.nodes = nodes
-        self.trainers = [
-            ShardTrainer(
-                dataset,
-                ctx.partition.indices(i, 1),
-                ctx.model_name,
-                ctx.weights,
-                ctx.optim,
-                ctx.dist.batch_size,
-                ctx.seed,
-                i,
-                ctx.delay(host),
-            )
-            for i in nodes
-        ]
+        self.trainers = [ShardTrainer.for_shard(ctx, dataset, i, ctx.delay(host)) for i in nodes]
         self.evaluator = Evaluator(dataset, ctx.model_name, ctx.gossip.node_test_limit)
 
     def ready(self) -> bool:

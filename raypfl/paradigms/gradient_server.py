@@ -15,7 +15,7 @@ newest version and its number. The server keeps the points to evaluate (every `e
 from __future__ import annotations
 
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 
 import numpy as np
 
@@ -23,12 +23,12 @@ from raypfl.config import OptimSpec
 from raypfl.paradigms.base import Point
 from raypfl.paradigms.spec import PSSpec
 from raypfl.paradigms.worker import FlatOptimizer
-from raypfl.runtime.parameter_server import VersionEvicted
+from raypfl.runtime.parameter_server import VersionedWeights, VersionEvicted
 
 __all__ = ["GradientServer", "VersionEvicted"]
 
 
-class GradientServer:
+class GradientServer(VersionedWeights):
     """Versioned weights updated by worker gradients, synchronously (a barrier per version) or not."""
 
     def __init__(
@@ -47,10 +47,9 @@ class GradientServer:
             raise ValueError(f"mode={mode} must be sync or async")
         if mode == "sync" and steps is None:
             raise ValueError("a synchronous server needs its number of steps")
+        super().__init__(weights, ps.keep_versions)
         self.ps, self.workers, self.mode, self.steps = ps, workers, mode, steps
         self.optimizer = FlatOptimizer(weights, optim)
-        self.versions: OrderedDict[int, np.ndarray] = OrderedDict({0: np.asarray(weights, np.float32)})
-        self.latest = 0
         self.pending: dict[int, dict[int, np.ndarray]] = {}  # sync: version -> worker -> gradient
         self.total_samples, self.eval_samples = total_samples, eval_samples
         self.samples = 0  # samples behind every gradient received within the budget
@@ -127,12 +126,6 @@ class GradientServer:
         self.applied += 1
         return True
 
-    def _publish(self, weights: np.ndarray) -> None:
-        self.latest += 1
-        self.versions[self.latest] = weights
-        while len(self.versions) > self.ps.keep_versions:
-            self.versions.popitem(last=False)
-
     def _point(self) -> None:
         loss = self._loss_sum / self._loss_n if self._loss_n else float("nan")
         self._loss_sum, self._loss_n = 0.0, 0
@@ -142,20 +135,6 @@ class GradientServer:
         self.points.append(
             Point(self.samples, self.latest, time.time(), self.versions[self.latest], loss, extra)
         )
-
-    def pull(self, version: int) -> np.ndarray | None:
-        """The weights of `version`; None if it does not exist yet; VersionEvicted if no longer kept."""
-        if version > self.latest:
-            return None
-        if version not in self.versions:
-            raise VersionEvicted(
-                f"version {version} was evicted (the server keeps the last {self.ps.keep_versions})"
-            )
-        return self.versions[version]
-
-    def pull_latest(self) -> tuple[int, np.ndarray]:
-        """(version number, weights) of the newest version."""
-        return self.latest, self.versions[self.latest]
 
     def take_points(self) -> list[Point]:
         points, self.points = self.points, []

@@ -77,17 +77,7 @@ class PSWorker:
     def __init__(self, ctx: ParadigmContext, dataset, worker: int):
         torch.set_num_threads(ctx.torch_threads)
         self.worker = worker
-        self.trainer = ShardTrainer(
-            dataset,
-            ctx.partition.indices(worker, 1),
-            ctx.model_name,
-            ctx.weights,
-            ctx.optim,
-            ctx.dist.batch_size,
-            ctx.seed,
-            worker,
-            ctx.delay(worker),
-        )
+        self.trainer = ShardTrainer.for_shard(ctx, dataset, worker, ctx.delay(worker))
 
     def ready(self) -> bool:
         return True

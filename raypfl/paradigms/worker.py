@@ -8,6 +8,7 @@ is a torch optimizer over one flat vector (the parameter server's, and each all-
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from raypfl.errors import ConfigError
 from raypfl.models import build_model
 from raypfl.training import evaluate, make_optimizer
 from raypfl.weights import flat_names, get_flat, set_flat, shared_tensor
+
+if TYPE_CHECKING:
+    from raypfl.paradigms.base import ParadigmContext
 
 
 def check_gradient_model(model: torch.nn.Module, model_name: str) -> None:
@@ -74,6 +78,21 @@ class ShardTrainer:
         self.delay_s = delay_s  # a straggler sleeps this long before each step
         self._order = self.indices[:0]
         self._pos = 0
+
+    @classmethod
+    def for_shard(cls, ctx: ParadigmContext, dataset: Dataset, shard: int, delay_s: float) -> ShardTrainer:
+        """The trainer of shard `shard` of the paradigm's partition (its batch stream keyed by the shard)."""
+        return cls(
+            dataset,
+            ctx.partition.indices(shard, 1),
+            ctx.model_name,
+            ctx.weights,
+            ctx.optim,
+            ctx.dist.batch_size,
+            ctx.seed,
+            shard,
+            delay_s,
+        )
 
     def next_batch(self) -> torch.Tensor:
         """The next `batch_size` indices of an endless stream of shuffled passes over the shard.

@@ -28,18 +28,50 @@ class VersionEvicted(KeyError):
     """The requested version is older than the versions kept."""
 
 
-class ParameterServer:
+class VersionedWeights:
+    """Weights by version number with a bounded history: `pull(v)`, `pull_latest()`, publish, reset."""
+
+    def __init__(self, weights: np.ndarray, keep_versions: int = 2, version: int = 0):
+        if keep_versions < 1:
+            raise ValueError("keep_versions must be >= 1")
+        self.keep_versions = keep_versions
+        self.versions: OrderedDict[int, np.ndarray] = OrderedDict({version: np.asarray(weights, np.float32)})
+        self.latest = version
+
+    def _publish(self, weights: np.ndarray) -> None:
+        self.latest += 1
+        self.versions[self.latest] = weights
+        while len(self.versions) > self.keep_versions:
+            self.versions.popitem(last=False)
+
+    def reset(self, weights: np.ndarray, version: int) -> None:
+        """Hold `weights` as `version`, forgetting every other version (a runtime taking over a model)."""
+        self.versions = OrderedDict({version: np.asarray(weights, np.float32)})
+        self.latest = version
+
+    def pull(self, version: int) -> np.ndarray | None:
+        """The weights of `version`; None if it does not exist yet; VersionEvicted if no longer kept."""
+        if version > self.latest:
+            return None
+        if version not in self.versions:
+            raise VersionEvicted(
+                f"version {version} was evicted (the server keeps the last {self.keep_versions})"
+            )
+        return self.versions[version]
+
+    def pull_latest(self) -> tuple[int, np.ndarray]:
+        """(version number, weights) of the newest version."""
+        return self.latest, self.versions[self.latest]
+
+
+class ParameterServer(VersionedWeights):
     """Versioned global weights with push/pull and a bounded history."""
 
     def __init__(
         self, weights: np.ndarray, server_update: ServerUpdate, keep_versions: int = 2, version: int = 0
     ):
-        if keep_versions < 1:
-            raise ValueError("keep_versions must be >= 1")
+        super().__init__(weights, keep_versions, version)
         self.server_update = server_update
-        self.keep_versions = keep_versions
-        self.versions: OrderedDict[int, np.ndarray] = OrderedDict({version: np.asarray(weights, np.float32)})
-        self.latest = version
         # version -> (pushes still expected, aggregate so far, answers needed for a quorum)
         self.rounds: dict[int, tuple[int, Aggregate, int]] = {}
         self.last_aggregate: Aggregate | None = None
@@ -101,32 +133,11 @@ class ParameterServer:
         self.aggregate_s = self._round_aggregate_s + time.perf_counter() - start
         self._round_aggregate_s = 0.0
 
-    def _publish(self, weights: np.ndarray) -> None:
-        self.latest += 1
-        self.versions[self.latest] = weights
-        while len(self.versions) > self.keep_versions:
-            self.versions.popitem(last=False)
-
     def reset(self, weights: np.ndarray, version: int) -> None:
         """Hold `weights` as `version`, forgetting every other version (a runtime taking over a model)."""
         if self.rounds:
             raise RuntimeError(f"cannot reset while rounds on versions {sorted(self.rounds)} are open")
-        self.versions = OrderedDict({version: np.asarray(weights, np.float32)})
-        self.latest = version
-
-    def pull(self, version: int) -> np.ndarray | None:
-        """The weights of `version`; None if it does not exist yet; VersionEvicted if no longer kept."""
-        if version > self.latest:
-            return None
-        if version not in self.versions:
-            raise VersionEvicted(
-                f"version {version} was evicted (the server keeps the last {self.keep_versions})"
-            )
-        return self.versions[version]
-
-    def pull_latest(self) -> tuple[int, np.ndarray]:
-        """(version number, weights) of the newest version."""
-        return self.latest, self.versions[self.latest]
+        super().reset(weights, version)
 
     def round_summary(self) -> dict[str, object]:
         """Who was aggregated and who was rejected in the last completed round."""
