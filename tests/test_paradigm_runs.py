@@ -123,9 +123,18 @@ def test_ps_async_straggler_shows_in_the_staleness_statistics(tmp_path, data_roo
     assert read(result.out_dir / "staleness.csv")
 
 
-def test_gossip_logs_consensus_and_every_node(tmp_path, data_root, ray_session):
-    result = run(tmp_path, "gossip", "distributed.epochs=1", "gossip.nodes=4", "gossip.local_steps=5")
+def test_gossip_logs_consensus_and_every_node(tmp_path, data_root, ray_session, monkeypatch):
+    from tests.test_sweeps import read_offline_history
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    args = ["distributed.epochs=1", "gossip.nodes=4", "gossip.local_steps=5", "logger=wandb"]
+    result = run(tmp_path, "gossip", *args)
     rows = result.rounds
+    history = read_offline_history(result.out_dir)  # W&B gets the same rows, paradigm columns included
+    assert [h["consensus"] for h in history if "consensus" in h] == pytest.approx(
+        [r["consensus"] for r in rows]
+    )
     assert all(r["consensus"] > 0 for r in rows) and rows[-1]["node_acc_min"] > 0.5
     nodes = read(result.out_dir / "nodes.csv")
     assert {r["node"] for r in nodes} == {"0", "1", "2", "3"}
