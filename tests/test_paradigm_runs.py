@@ -156,3 +156,32 @@ def test_compare_writes_one_table_and_plots(tmp_path, data_root, ray_session):
     assert all(0.3 < float(r["final_acc"]) <= 1 for r in table)  # chance is 0.1
     for name in ("compare.md", "compare_mlp.png", "compare_time.png"):
         assert (results / name).exists()
+
+
+def test_a_failed_worker_or_push_raises_instead_of_hanging(ray_session):
+    """The driver and the workers see a failure at once, even while a peer waits for it (a barrier)."""
+    import time
+
+    import ray
+
+    from raypfl.paradigms.base import points_while
+    from raypfl.paradigms.ps import _pull_after
+
+    @ray.remote(num_cpus=0)
+    def fails():
+        raise ValueError("boom")
+
+    @ray.remote(num_cpus=0)
+    def waits():
+        time.sleep(120)
+
+    waiting = waits.remote()
+    try:
+        start = time.perf_counter()
+        with pytest.raises(ray.exceptions.RayTaskError, match="boom"):
+            list(points_while([fails.remote(), waiting], lambda: []))
+        with pytest.raises(ray.exceptions.RayTaskError, match="boom"):
+            _pull_after(waiting, fails.remote())  # a pull that never comes, after a push that failed
+        assert time.perf_counter() - start < 30
+    finally:
+        ray.cancel(waiting, force=True)

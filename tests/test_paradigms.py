@@ -134,6 +134,7 @@ def test_ps_async_staleness_drop_and_scale():
     assert stats["workers"][1] == {
         "gradients": 2,
         "dropped": 1,
+        "rejected": 0,
         "staleness_mean": 2.0,
         "staleness_max": 3,
         "histogram": {1: 1, 3: 1},
@@ -144,6 +145,23 @@ def test_ps_async_staleness_drop_and_scale():
     scale.push(0, g, 0, 0, 0.0, 1)
     scale.push(0, g, 1, 0, 0.0, 1)  # staleness 1: weight 1/2
     assert np.allclose(scale.pull_latest()[1], -0.1 - 0.05)
+
+
+def test_non_finite_gradients_are_rejected_and_logged(caplog):
+    g, bad = np.ones(2, np.float32), np.array([np.nan, 1.0], np.float32)
+    sync = server(np.zeros(2, np.float32), optim=PLAIN, combine="mean")
+    sync.push(0, bad, 0, 0, float("nan"), 1)
+    sync.push(0, g, 1, 0, 0.5, 1)  # the barrier counts the rejected worker; the mean is over the accepted
+    assert sync.latest == 1 and np.allclose(sync.pull(1), -0.1)
+    sync.push(1, bad, 0, 1, 0.0, 1)
+    sync.push(1, np.array([1.0, np.inf], np.float32), 1, 1, 0.0, 1)
+    assert sync.latest == 2 and np.array_equal(sync.pull(2), sync.pull(1))  # nothing to apply: unchanged
+    assert sync.stats()["rejected"] == 3 and sync.stats()["workers"][0]["rejected"] == 2
+    asyn = server(np.zeros(2, np.float32), mode="async", optim=PLAIN)
+    asyn.push(0, bad, 1, 0, 0.0, 1)
+    assert asyn.latest == 0 and asyn.stats()["rejected"] == 1
+    assert "rejected a non-finite gradient from worker 1" in caplog.text
+    assert all(np.isfinite(w).all() for w in (sync.pull_latest()[1], asyn.pull_latest()[1]))
 
 
 def test_ps_async_budget_ends_the_run():

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from raypfl.errors import RaypflError
-from raypfl.paradigms.base import POLL_S, ParadigmContext, Point
+from raypfl.paradigms.base import ParadigmContext, Point, points_while
 from raypfl.paradigms.worker import ShardTrainer
 
 log = logging.getLogger("raypfl")
@@ -130,11 +130,7 @@ def train(ctx: ParadigmContext, perturb_rank: int | None = None) -> Iterator[Poi
     workers = start_group(ctx)
     try:
         running = [w.run.remote(steps, eval_every, per_step) for w in workers]
-        pending = list(running)
-        while pending:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
-            yield from ray.get(workers[0].take_points.remote())
-        yield from ray.get(workers[0].take_points.remote())
+        yield from points_while(running, lambda: ray.get(workers[0].take_points.remote()))
         for rank, rows in enumerate(ray.get(running)):
             ctx.breakdown.extend({**r, "worker": rank} for r in rows)
         if perturb_rank is not None:

@@ -7,6 +7,7 @@ had been processed and when, and appends per-iteration time rows (compute / comm
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -63,3 +64,18 @@ class ParadigmContext:
 
     def delay(self, worker: int) -> float:
         return self.dist.straggler_delay_s if self.dist.straggler == worker else 0.0
+
+
+def points_while(running: list, take: Callable[[], list[Point]]) -> Iterator[Point]:
+    """Yield the points `take()` returns while the ObjectRefs in `running` (the workers' loops) finish.
+
+    A worker that failed raises at once, not after the others: they may be waiting for it (a barrier).
+    """
+    import ray
+
+    pending = list(running)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
+        ray.get(done)
+        yield from take()
+    yield from take()

@@ -6,6 +6,8 @@ first), takes one step of its optimizer (`optim.*`, SGD with momentum by default
 Asynchronous (`mode="async"`): no barrier; each gradient is applied when it arrives. Its staleness is the
 number of versions published since the version it was computed on; gradients staler than
 `ps.max_staleness` are dropped, and with `ps.stale_policy=scale` the others are weighted 1 / (1 + staleness).
+A gradient with NaN/Inf is rejected and logged (sync: the barrier still counts that worker, and the mean is
+over the accepted gradients; if none is left, v+1 is v unchanged).
 
 `pull(v)` returns version v, None if it does not exist yet (the Ray actor's `pull` waits for it instead),
 and raises `VersionEvicted` if it is older than the last `ps.keep_versions`. `pull_latest()` returns the
@@ -14,6 +16,8 @@ newest version and its number. The server keeps the points to evaluate (every `e
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections import Counter
 
@@ -26,6 +30,8 @@ from raypfl.paradigms.worker import FlatOptimizer
 from raypfl.runtime.parameter_server import VersionedWeights, VersionEvicted
 
 __all__ = ["GradientServer", "VersionEvicted"]
+
+log = logging.getLogger("raypfl")
 
 
 class GradientServer(VersionedWeights):
@@ -56,6 +62,7 @@ class GradientServer(VersionedWeights):
         self.received = self.applied = self.dropped = self.after_budget = 0
         self.staleness: Counter = Counter()  # (worker, staleness) -> gradients
         self.dropped_by_worker: Counter = Counter()
+        self.rejected_by_worker: Counter = Counter()  # non-finite (NaN/Inf) gradients
         self.apply_log: list[tuple[int, int, float]] = []  # (worker, iteration, seconds applying)
         self.points: list[Point] = []
         self._loss_sum = 0.0
@@ -80,13 +87,24 @@ class GradientServer(VersionedWeights):
             return False
         self.received += 1
         self.samples += n
-        self._loss_sum += loss * n
-        self._loss_n += n
+        gradient = np.asarray(gradient, np.float32)
+        finite = bool(np.isfinite(gradient).all())
+        if not finite:  # rejected, counted and logged; a sync barrier still counts the worker as answered
+            self.rejected_by_worker[worker] += 1
+            log.warning(
+                "rejected a non-finite gradient from worker %d (its iteration %d, on version %d)",
+                worker,
+                iteration,
+                version,
+            )
+        elif math.isfinite(loss):
+            self._loss_sum += loss * n
+            self._loss_n += n
         start = time.perf_counter()
         if self.mode == "sync":
-            stepped = self._push_sync(version, gradient, worker)
+            stepped = self._push_sync(version, gradient if finite else None, worker)
         else:
-            stepped = self._push_async(version, gradient, worker)
+            stepped = self._push_async(version, gradient, worker) if finite else True
         self.apply_log.append((worker, iteration, time.perf_counter() - start))
         if stepped and (self.samples >= self._next_eval or self.done):
             self._point()
@@ -94,24 +112,29 @@ class GradientServer(VersionedWeights):
                 self._next_eval += self.eval_samples
         return not self.done
 
-    def _push_sync(self, version: int, gradient: np.ndarray, worker: int) -> bool:
+    def _push_sync(self, version: int, gradient: np.ndarray | None, worker: int) -> bool:
         if version != self.latest:
             raise ValueError(f"sync push on version {version}: the server is at version {self.latest}")
         grads = self.pending.setdefault(version, {})
         if worker in grads:
             raise ValueError(f"worker {worker} pushed twice for version {version}")
-        grads[worker] = np.asarray(gradient, np.float32)
+        grads[worker] = gradient  # None: rejected
         self.staleness[(worker, 0)] += 1
         if len(grads) < self.workers:
             return False
         del self.pending[version]
-        combined = grads[0].copy()
-        for w in range(1, self.workers):
-            combined += grads[w]
+        accepted = [grads[w] for w in range(self.workers) if grads[w] is not None]  # in worker order
+        if not accepted:
+            log.warning("version %d: every gradient was rejected; the model is published unchanged", version)
+            self._publish(self.versions[version])
+            return True
+        combined = accepted[0].copy()
+        for grad in accepted[1:]:
+            combined += grad
         if self.ps.combine == "mean":
-            combined /= self.workers
+            combined /= len(accepted)
         self._publish(self.optimizer.step(combined))
-        self.applied += self.workers
+        self.applied += len(accepted)
         return True
 
     def _push_async(self, version: int, gradient: np.ndarray, worker: int) -> bool:
@@ -153,6 +176,7 @@ class GradientServer(VersionedWeights):
             per_worker[w] = {
                 "gradients": count,
                 "dropped": self.dropped_by_worker[w],
+                "rejected": self.rejected_by_worker[w],
                 "staleness_mean": sum(s * n for s, n in hist.items()) / count if count else 0.0,
                 "staleness_max": max(hist, default=0),
                 "histogram": hist,
@@ -161,6 +185,7 @@ class GradientServer(VersionedWeights):
             "received": self.received,
             "applied": self.applied,
             "dropped": self.dropped,
+            "rejected": sum(self.rejected_by_worker.values()),
             "after_budget": self.after_budget,
             "versions": self.latest,
             "staleness_mean": self.mean_staleness(),

@@ -18,7 +18,7 @@ import numpy as np
 import ray
 import torch
 
-from raypfl.paradigms.base import POLL_S, ParadigmContext, Point
+from raypfl.paradigms.base import ParadigmContext, Point, points_while
 from raypfl.paradigms.gradient_server import GradientServer
 from raypfl.paradigms.worker import ShardTrainer
 
@@ -85,34 +85,49 @@ class PSWorker:
     def run_sync(self, server, steps: int) -> list[dict]:
         """`steps` iterations of pull(v) -> gradient -> push(v); per-iteration timings."""
         times = []
+        pushed = None
         for v in range(steps):
             t0 = time.perf_counter()
-            weights = ray.get(server.pull.remote(v))
+            weights = _pull_after(server.pull.remote(v), pushed)
             t1 = time.perf_counter()
             grad, loss, n = self.trainer.gradient(weights)
             t2 = time.perf_counter()
-            server.push.remote(v, grad, self.worker, v, loss, n)  # the next pull queues behind it
+            pushed = server.push.remote(v, grad, self.worker, v, loss, n)  # not awaited: pull(v+1) waits
             t3 = time.perf_counter()
             times.append({"iteration": v, "compute_s": t2 - t1, "wait_s": (t1 - t0) + (t3 - t2)})
-        ray.get(server.pull.remote(steps))  # the last step is applied before the worker reports
+        _pull_after(server.pull.remote(steps), pushed)  # the last step is applied before the worker reports
         return times
 
     def run_async(self, server) -> list[dict]:
         """pull_latest -> gradient -> push, with no barrier, until the server's budget is spent."""
         times = []
         iteration = 0
+        pushed = None
         while True:
             t0 = time.perf_counter()
-            version, weights, done = ray.get(server.pull_latest.remote())
+            version, weights, done = _pull_after(server.pull_latest.remote(), pushed)
             if done:
                 return times
             t1 = time.perf_counter()
             grad, loss, n = self.trainer.gradient(weights)
             t2 = time.perf_counter()
-            server.push.remote(version, grad, self.worker, iteration, loss, n)
+            pushed = server.push.remote(version, grad, self.worker, iteration, loss, n)
             t3 = time.perf_counter()
             times.append({"iteration": iteration, "compute_s": t2 - t1, "wait_s": (t1 - t0) + (t3 - t2)})
             iteration += 1
+
+
+def _pull_after(pull, pushed):
+    """The pull's result; but if the worker's previous push failed on the server, raise its error.
+
+    Pushes are not awaited (the next pull needs no extra round trip), so a push that raised would otherwise
+    go unseen, and a synchronous worker would wait forever for a version that push was to complete.
+    """
+    if pushed is not None:
+        ready, _ = ray.wait([pull, pushed], num_returns=1)
+        if ready[0] == pushed:
+            ray.get(pushed)
+    return ray.get(pull)
 
 
 def _start(ctx: ParadigmContext, mode: str, steps: int | None) -> tuple[object, list]:
@@ -136,15 +151,6 @@ def _stop(server, workers: list) -> None:
     """End the actors now, freeing their CPUs for whatever runs next."""
     for actor in [*workers, server]:
         ray.kill(actor)
-
-
-def _points_until(server, running: list) -> Iterator[Point]:
-    """Yield the server's points as they appear, until every ref in `running` is done."""
-    pending = list(running)
-    while pending:
-        _, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
-        yield from ray.get(server.take_points.remote())
-    yield from ray.get(server.take_points.remote())
 
 
 def _breakdown(ctx: ParadigmContext, server, per_worker: list[list[dict]], sync: bool) -> None:
@@ -175,7 +181,7 @@ def train_sync(ctx: ParadigmContext) -> Iterator[Point]:
     server, workers = _start(ctx, "sync", steps)
     try:
         running = [w.run_sync.remote(server, steps) for w in workers]
-        yield from _points_until(server, running)
+        yield from points_while(running, lambda: ray.get(server.take_points.remote()))
         _breakdown(ctx, server, ray.get(running), sync=True)
         ctx.summary.update(ray.get(server.stats.remote()))
     finally:
@@ -187,7 +193,7 @@ def train_async(ctx: ParadigmContext) -> Iterator[Point]:
     server, workers = _start(ctx, "async", None)
     try:
         running = [w.run_async.remote(server) for w in workers]
-        yield from _points_until(server, running)
+        yield from points_while(running, lambda: ray.get(server.take_points.remote()))
         _breakdown(ctx, server, ray.get(running), sync=False)
         stats = ray.get(server.stats.remote())
         ctx.summary.update(stats)
