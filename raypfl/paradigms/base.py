@@ -38,7 +38,7 @@ class ParadigmContext:
     """Everything a paradigm needs: data (and its object-store ref), shards, model, optimizer, budget."""
 
     name: str
-    dataset: Dataset
+    dataset: Dataset | None  # None in the copy sent to actors (they read `dataset_ref`)
     dataset_ref: object  # ray.put(dataset): actors read it zero-copy
     partition: Partition  # one shard per worker (ps, allreduce) or per node (gossip)
     model_name: str
