@@ -56,16 +56,19 @@ def compose(paradigm: str, model: str, epochs: float, extra: list[str]) -> DictC
     overrides = [f"+experiment={experiment}", f"model={model}", "runtime.warm_start=false"]
     if paradigm == "gossip_pairwise":
         overrides.append("gossip.variant=pairwise")
-    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=overrides)
-    if paradigm == "fedavg":  # rounds that process the same number of samples (IID: equal client shares)
-        per_round = cfg.clients.per_round / cfg.clients.num * cfg.train.local_epochs  # epochs per round
-        overrides.append(f"train.rounds={max(1, math.ceil(epochs / per_round - 1e-9))}")
-        overrides.append("train.checkpoint_every=0")
-    else:
+    if paradigm != "fedavg":
         overrides.append(f"distributed.epochs={epochs}")
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        return hydra_compose("config", overrides=overrides + extra)
+        cfg = hydra_compose("config", overrides=overrides + extra)
+    if paradigm == "fedavg":  # the rounds that process the same number of samples
+        cfg.train.rounds = max(1, math.ceil(epochs / fedavg_epochs_per_round(cfg) - 1e-9))
+        cfg.train.checkpoint_every = 0
+    return cfg
+
+
+def fedavg_epochs_per_round(cfg: DictConfig) -> float:
+    """Passes over the training set one FedAvg round makes (IID clients: equal shares of it)."""
+    return cfg.clients.per_round / cfg.clients.num * cfg.train.local_epochs
 
 
 def summarize(model: str, paradigm: str, rows: list[dict], breakdown: dict[str, float]) -> dict:
@@ -90,7 +93,7 @@ def summarize(model: str, paradigm: str, rows: list[dict], breakdown: dict[str, 
 
 def fedavg_rows(rows: list[dict], cfg: DictConfig, train_size: int) -> tuple[list[dict], dict[str, float]]:
     """FedAvg's round rows in the paradigms' terms: samples processed and per-round time parts."""
-    epochs = cfg.clients.per_round / cfg.clients.num * cfg.train.local_epochs  # per round
+    epochs = fedavg_epochs_per_round(cfg)
     out = [
         {
             **r,
@@ -108,7 +111,7 @@ def run_one(
     paradigm: str, model: str, epochs: float, out: Path, extra: list[str]
 ) -> tuple[dict, list[dict], dict]:
     from raypfl.config import validate
-    from raypfl.experiment import load_data, run_experiment
+    from raypfl.experiment import run_experiment
     from raypfl.paradigms.run import breakdown_means
 
     cfg = compose(paradigm, model, epochs, extra)
@@ -117,7 +120,7 @@ def run_one(
     log.info("compare: %s, model %s, %.3g epochs -> %s", paradigm, model, epochs, run_dir)
     result = run_experiment(cfg, run_dir, started=time.time())
     if paradigm == "fedavg":
-        rows, means = fedavg_rows(result.rounds, cfg, len(load_data(cfg).train_y))
+        rows, means = fedavg_rows(result.rounds, cfg, result.train_samples)
     else:
         rows = result.rounds
         with (run_dir / "breakdown.csv").open() as f:

@@ -51,6 +51,7 @@ class RunResult:
     weights: np.ndarray
     rounds: list[dict]
     out_dir: Path
+    train_samples: int = 0  # size of the training set (0 for generated data)
 
     @property
     def final_accuracy(self) -> float:
@@ -209,7 +210,7 @@ def run_experiment(
         tracker.wall_s(),
         out_dir,
     )
-    return RunResult(weights, tracker.rows, out_dir)
+    return RunResult(weights, tracker.rows, out_dir, len(dataset.train_y))
 
 
 def _load_resume(cfg: DictConfig, train: TrainSpec) -> dict | None:

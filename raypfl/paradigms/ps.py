@@ -158,20 +158,22 @@ def _stop(server, workers: list) -> None:
 def _breakdown(ctx: ParadigmContext, server, per_worker: list[list[dict]], sync: bool) -> None:
     """Rows per (iteration, worker): compute, communication + waiting, and the server's apply time."""
     apply = {(w, i): s for w, i, s in ray.get(server.apply_log.remote())}
-    if sync:  # the step that publishes v+1 is paid by whoever waits in pull(v+1): charge each worker it
-        step_s = {}
-        for (_, i), s in apply.items():
-            step_s[i] = max(step_s.get(i, 0.0), s)
+    # sync: the step that publishes v+1 (made by the last push for v) is waited for in every worker's
+    # pull(v+1), so it is charged to each worker's iteration v+1 and taken out of its waiting time
+    step_s: dict[int, float] = {}
+    for (_, i), s in apply.items():
+        step_s[i] = max(step_s.get(i, 0.0), s)
     for w, rows in enumerate(per_worker):
         for r in rows:
             i = r["iteration"]
             apply_s = step_s.get(i - 1, 0.0) if sync else apply.get((w, i), 0.0)
+            comm_s = max(0.0, r["wait_s"] - apply_s) if sync else r["wait_s"]
             ctx.breakdown.append(
                 {
                     "iteration": i,
                     "worker": w,
                     "compute_s": r["compute_s"],
-                    "comm_s": max(0.0, r["wait_s"] - (apply_s if sync else 0.0)),
+                    "comm_s": comm_s,
                     "apply_s": apply_s,
                 }
             )

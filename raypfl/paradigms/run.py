@@ -154,7 +154,7 @@ def run_paradigm(cfg: DictConfig, out_dir: Path, sinks: list, started: float | N
         rows[-1]["wall_s"],
         out_dir,
     )
-    return RunResult(np.asarray(weights), rows, out_dir)
+    return RunResult(np.asarray(weights), rows, out_dir, train_size)
 
 
 def breakdown_means(rows: list[dict]) -> dict[str, float]:

@@ -125,8 +125,7 @@ class ShardTrainer:
         """(flat gradient of the mean batch loss at `weights` (default: the model's own), loss, samples)."""
         if weights is not None:
             set_flat(self.model, weights)
-        loss, n = self._backward()
-        grad = torch.cat([p.grad.reshape(-1) for p in self.model.parameters()])
+        grad, loss, n = self.gradient_tensor()
         return grad.numpy(), loss, n
 
     def gradient_tensor(self) -> tuple[torch.Tensor, float, int]:
