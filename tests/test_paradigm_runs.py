@@ -33,11 +33,40 @@ def sync_runs(tmp_path_factory, data_root, ray_session) -> dict:
     return {name: run(out, name, "distributed.epochs=2") for name in ("ps_sync", "allreduce")}
 
 
+@pytest.fixture(scope="module")
+def async_run(tmp_path_factory, data_root, ray_session):
+    """ps_async, 2 epochs, worker 1 a straggler; (result, the log messages of the run)."""
+    import logging
+
+    messages: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("raypfl")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        straggler = ["distributed.straggler=1", "distributed.straggler_delay_s=0.05"]
+        result = run(tmp_path_factory.mktemp("async"), "ps_async", "distributed.epochs=2", *straggler)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return result, messages
+
+
+@pytest.fixture(scope="module")
+def gossip_run(tmp_path_factory, data_root, ray_session):
+    """gossip, 2 epochs, with W&B (offline) as well."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        mp.setenv("WANDB_SILENT", "true")
+        return run(tmp_path_factory.mktemp("gossip"), "gossip", "distributed.epochs=2", "logger=wandb")
+
+
 @pytest.fixture(params=["ps_sync", "ps_async", "allreduce", "gossip"])
-def two_epoch_run(request, sync_runs, tmp_path):
-    if request.param in sync_runs:
-        return request.param, sync_runs[request.param]
-    return request.param, run(tmp_path, request.param, "distributed.epochs=2")
+def two_epoch_run(request, sync_runs, async_run, gossip_run):
+    runs = {**sync_runs, "ps_async": async_run[0], "gossip": gossip_run}
+    return request.param, runs[request.param]
 
 
 def test_paradigm_learns_and_leaves_its_outputs(two_epoch_run):
@@ -105,40 +134,29 @@ def test_allreduce_replica_check_passes_and_catches_divergence(sync_runs):
         list(allreduce.train(ctx, perturb_rank=1))
 
 
-def test_ps_async_straggler_shows_in_the_staleness_statistics(tmp_path, data_root, ray_session, caplog):
-    caplog.set_level("INFO", logger="raypfl")
-    result = run(
-        tmp_path,
-        "ps_async",
-        "distributed.epochs=1",
-        "distributed.straggler=1",
-        "distributed.straggler_delay_s=0.05",
-    )
+def test_ps_async_straggler_shows_in_the_staleness_statistics(async_run):
+    result, messages = async_run
     summary = json.loads((result.out_dir / "summary.json").read_text())
     fast, slow = summary["workers"]["0"], summary["workers"]["1"]
     assert fast["gradients"] > 1.5 * slow["gradients"]  # the fast worker did most of the work
     assert slow["staleness_mean"] > fast["staleness_mean"]  # and the slow one's gradients were staler
     assert summary["received"] == fast["gradients"] + slow["gradients"]
-    assert "worker 1:" in caplog.text and "staleness mean" in caplog.text
+    assert any(m.startswith("  worker 1:") and "staleness mean" in m for m in messages)
     assert read(result.out_dir / "staleness.csv")
 
 
-def test_gossip_logs_consensus_and_every_node(tmp_path, data_root, ray_session, monkeypatch):
+def test_gossip_logs_consensus_and_every_node(gossip_run):
     from tests.test_sweeps import read_offline_history
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    args = ["distributed.epochs=1", "gossip.nodes=4", "gossip.local_steps=5", "logger=wandb"]
-    result = run(tmp_path, "gossip", *args)
-    rows = result.rounds
-    history = read_offline_history(result.out_dir)  # W&B gets the same rows, paradigm columns included
+    rows = gossip_run.rounds
+    assert all(r["consensus"] > 0 for r in rows) and rows[-1]["node_acc_min"] > 0.5
+    nodes = read(gossip_run.out_dir / "nodes.csv")
+    assert {r["node"] for r in nodes} == {str(i) for i in range(8)}
+    assert len(nodes) == 8 * len(rows)
+    history = read_offline_history(gossip_run.out_dir)  # W&B gets the same rows, paradigm columns included
     assert [h["consensus"] for h in history if "consensus" in h] == pytest.approx(
         [r["consensus"] for r in rows]
     )
-    assert all(r["consensus"] > 0 for r in rows) and rows[-1]["node_acc_min"] > 0.5
-    nodes = read(result.out_dir / "nodes.csv")
-    assert {r["node"] for r in nodes} == {"0", "1", "2", "3"}
-    assert len(nodes) == 4 * len(rows)
 
 
 def test_compare_writes_one_table_and_plots(tmp_path, data_root, ray_session):
