@@ -8,6 +8,10 @@ py-spy samples every thread's Python stack (idle threads excluded) at `--rate` H
 per process role and, inside the client actors and the driver, per "activity" (the innermost frame that
 belongs to a known phase: forward, backward, optimizer step, evaluation, data gathering, (de)serialisation,
 Ray calls), so it reads as "where the busy cores spend their time".
+
+On Ray, warm start (`runtime.warm_start`) trains the first rounds in the driver while the actor pool boots;
+the summary says how many, and warns if the pool never took over (a fast machine, few rounds: then the
+profile shows the driver's training, not the actors'; use more --rounds or `-- runtime.warm_start=false`).
 """
 
 from __future__ import annotations
@@ -97,6 +101,31 @@ def table(by_role: collections.Counter, by_activity: dict[str, collections.Count
     return "\n".join(lines) + "\n"
 
 
+def warm_start_note(log_text: str, config_text: str) -> str:
+    """One line on where the rounds trained, for a run on a local Ray with warm start ('' otherwise).
+
+    `config_text`: the run's .hydra/config.yaml; `log_text`: its output.
+    """
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create(config_text or "{}")
+    runtime, rounds = cfg.get("runtime", {}), cfg.get("train", {}).get("rounds", "?")
+    if runtime.get("name") != "ray" or not runtime.get("warm_start", False) or runtime.get("address"):
+        return ""
+    took_over = re.search(r"the driver trained the first (\d+) round", log_text)
+    if took_over:
+        return (
+            f"Warm start: the driver trained the first {took_over.group(1)} of {rounds} rounds, "
+            "then the actor pool took over.\n\n"
+        )
+    if "ray runtime: " in log_text:
+        return ""
+    return (
+        f"**Warning: the actor pool never took over**: the warm-start driver trained all {rounds} rounds, "
+        "so the actors did no training here; profile more --rounds or pass `-- runtime.warm_start=false`.\n\n"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cnn", choices=["mlp", "cnn"])
@@ -124,12 +153,22 @@ def main() -> None:
             *run,
         ]
         env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-        subprocess.run([str(c) for c in spy], check=True, env=env, stdout=subprocess.DEVNULL)
+        log_path = Path(tmp) / "output.log"
+        with open(log_path, "w") as log:
+            proc = subprocess.run([str(c) for c in spy], env=env, stdout=log, stderr=subprocess.STDOUT)
+        code = proc.returncode
+        if code:
+            sys.stderr.write("".join(log_path.read_text().splitlines(keepends=True)[-20:]))
+            raise SystemExit(f"py-spy / raypfl exited with {code}")
         by_role, by_activity = summarise(raw)
+        config = Path(tmp) / "run" / ".hydra" / "config.yaml"
+        note = warm_start_note(log_path.read_text(), config.read_text() if config.exists() else "")
     text = (
         f"py-spy, {args.rate} Hz, idle threads excluded: `python -m raypfl {' '.join(w.overrides())} "
-        f"{' '.join(args.overrides)}`\n\n" + table(by_role, by_activity, args.rate)
+        f"{' '.join(args.overrides)}`\n\n" + note + table(by_role, by_activity, args.rate)
     )
+    if note.startswith("**Warning"):
+        print(note.strip(), file=sys.stderr)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(text)

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from raypfl.config import RuntimeSpec
-    from raypfl.runtime.ray_runtime import start_ray
+    from raypfl.runtime.ray_start import start_ray
 
     out = args.out or Path("outputs/compare") / f"{datetime.now():%Y-%m-%d_%H-%M-%S}"
     table, curves, times = [], {}, {}

@@ -14,9 +14,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from raypfl import seeding
+from raypfl import interrupts, seeding
 from raypfl.algorithms import build_algorithm
-from raypfl.checkpoint import FILENAME, check_compatible, fingerprint, load_checkpoint, save_checkpoint
+from raypfl.checkpoint import (
+    FILENAME,
+    check_compatible,
+    checkpoint_path,
+    fingerprint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from raypfl.config import (
     FaultsSpec,
     TrainSpec,
@@ -56,6 +63,20 @@ class RunResult:
     @property
     def final_accuracy(self) -> float:
         return float(next(r["test_acc"] for r in reversed(self.rounds) if r["test_acc"] != ""))
+
+    def check_trained(self) -> None:
+        """RunStopped (exit code 3) unless the run ended with a finite model into which at least one client
+        update was averaged: a run that never updated its model is not a success."""
+        if not np.isfinite(self.weights).all():
+            raise RunStopped(
+                f"the global model has NaN/Inf weights after {len(self.rounds)} rounds "
+                f"(outputs in {self.out_dir})"
+            )
+        if self.rounds and "clients" in self.rounds[0] and not sum(int(r["clients"]) for r in self.rounds):
+            raise RunStopped(
+                f"no client update was averaged into the global model in {len(self.rounds)} rounds (every "
+                f"update was dropped, late, failed or rejected as NaN/Inf; see clients.csv in {self.out_dir})"
+            )
 
 
 def initial_weights(model_name: str, dataset: Dataset, seed: int) -> np.ndarray:
@@ -163,6 +184,7 @@ def run_experiment(
         cfg.runtime.name,
         "" if resumed is None else f", resumed from round {first_round - 1} of {cfg.resume}",
     )
+    saved = 0  # the last round checkpointed in out_dir
     try:
         runtime.start(setup, weights, version)
         planner = RoundPlanner(clients_spec(cfg), faults, cfg.seed, runtime.parallelism)
@@ -173,15 +195,17 @@ def run_experiment(
 
         def settle() -> None:
             """Finish the pending round: its evaluation, metrics row, checkpoint, and stop conditions."""
-            nonlocal pending
+            nonlocal pending, saved
             if pending is None:
                 return
             done, pending = pending, None
             row, result, ended = done.finish()
             tracker.log_round(row, result.client_metrics, ended)
             round_idx = row["round"]
-            if (train.checkpoint_every and round_idx % train.checkpoint_every == 0) or not result.quorum_met:
+            every = train.checkpoint_every
+            if (every and (round_idx % every == 0 or round_idx == train.rounds)) or not result.quorum_met:
                 _checkpoint(out_dir / FILENAME, cfg, round_idx, runtime, planner, tracker)
+                saved = round_idx
             if not result.quorum_met:
                 _no_quorum(row, len(done.plan.cohort), faults, out_dir)
             if faults.crash_after_round == round_idx:
@@ -197,11 +221,18 @@ def run_experiment(
             planner.observe(round_idx, pending.result)
         settle()
         weights = runtime.global_weights()
+        model_path = out_dir / "model.pt"
+        save_model(model_path, cfg.model.name, dataset, weights)  # before closing: an interrupt keeps it
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: if the last round was done, its model is written anyway
+        _keep_final_model(out_dir, cfg, dataset, tracker, runtime, train.rounds)
+        raise
+    except RunStopped as exc:  # e.g. actors lost for good: say where the run can continue from
+        if "resume=" in str(exc):  # it says so already (no quorum)
+            raise
+        raise type(exc)(f"{exc}. {_resume_hint(out_dir, saved, cfg.get('resume'))}") from exc
     finally:
         runtime.close()
         tracker.close()
-    model_path = out_dir / "model.pt"
-    save_model(model_path, cfg.model.name, dataset, weights)
     tracker.finish(model_path)
     log.info(
         "done: final test accuracy %.2f%% after %d rounds, %.1f s; outputs in %s",
@@ -226,7 +257,10 @@ def _load_resume(cfg: DictConfig, train: TrainSpec) -> dict | None:
         )
     state = load_checkpoint(location)
     check_compatible(state["fingerprint"], fingerprint(OmegaConf.to_container(cfg, resolve=True)), location)
-    if state["round"] >= train.rounds:
+    model_missing = not (checkpoint_path(location).parent / "model.pt").exists()
+    if state["round"] == train.rounds and model_missing:  # interrupted after its last round
+        log.info("resume=%s: all %d rounds are done; writing the final model", location, train.rounds)
+    elif state["round"] >= train.rounds:
         raise ConfigError(
             f"resume={location}: the checkpoint is at round {state['round']}; "
             f"train.rounds={train.rounds} leaves nothing to do"
@@ -247,7 +281,17 @@ def _checkpoint(
         "client_rows": tracker.client_rows,
         "fingerprint": fingerprint(OmegaConf.to_container(cfg, resolve=True)),
     }
-    save_checkpoint(path, state)
+    with interrupts.deferred():  # a Ctrl-C/SIGTERM waits for the write (torch.save turns it into an error)
+        save_checkpoint(path, state)
+
+
+def _resume_hint(out_dir: Path, saved: int, resumed_from: str | None) -> str:
+    """How to continue a stopped run: from its last checkpoint, else from the one it resumed from."""
+    if saved:
+        return f"Checkpoint after round {saved}: {out_dir / FILENAME}; continue with resume={out_dir}"
+    if resumed_from:
+        return f"No round completed since resuming; continue again with resume={resumed_from}"
+    return "No round completed, so there is no checkpoint to resume from; run it again"
 
 
 def _no_quorum(row: dict, cohort_size: int, faults: FaultsSpec, out_dir: Path) -> None:
@@ -368,7 +412,39 @@ def build_sinks(cfg: DictConfig, out_dir: Path, group: str | None, name: str | N
 
 
 def save_model(path: Path, model_name: str, dataset: Dataset, weights: np.ndarray) -> None:
-    """Save the global model as a state_dict (load with `build_model(name)` + `load_state_dict`)."""
+    """Save the global model as a state_dict (load with `build_model(name)` + `load_state_dict`).
+
+    Written to a temporary name and renamed, so an interrupted save never leaves a truncated model.pt.
+    """
     model = build_model(model_name, dataset.in_shape, dataset.num_classes)
     set_flat(model, weights)
-    torch.save(model.state_dict(), path)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with interrupts.deferred():
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, path)
+
+
+def _keep_final_model(
+    out_dir: Path, cfg: DictConfig, dataset: Dataset, tracker: RunTracker, runtime: Runtime, rounds: int
+) -> None:
+    """After an interrupt: if the last round was done, write model.pt (the runtime's global model, else the
+    final checkpoint's; failing both, `resume=` with the run's folder writes it)."""
+    path = out_dir / "model.pt"
+    if (path.exists() and path.stat().st_mtime >= tracker.started) or not tracker.rows:
+        return
+    if tracker.rows[-1]["round"] != rounds:
+        return
+    try:
+        weights = runtime.global_weights()
+    except Exception:
+        weights = None
+    try:
+        if weights is None:
+            state = load_checkpoint(out_dir)
+            if state["round"] != rounds:
+                return
+            weights = state["weights"]
+        save_model(path, cfg.model.name, dataset, weights)
+    except Exception as exc:  # never hide the interrupt
+        log.warning("interrupted after the last round; model.pt not written (%s)", exc)

@@ -12,6 +12,7 @@ import argparse
 import csv
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -36,8 +37,15 @@ RESULT_COLUMNS = [
 ]
 
 
+#: How a job ended: `ok`, `failed` (bad input, a fault, a crash) or `interrupted` (SIGINT / SIGTERM).
+STATUSES = ("ok", "failed", "interrupted")
+
+
 def write_result(out_dir: Path, started: float, status: str, error: str = "", **extra) -> None:
-    """Record how a job ended (written by every job, success or failure)."""
+    """Record how a job ended (written by every job: success, failure or interrupt).
+
+    Written to a temporary name and renamed, so a reader (or an interrupt) never sees half a file.
+    """
     finished = time.time()
     record = {
         "status": status,
@@ -47,7 +55,10 @@ def write_result(out_dir: Path, started: float, status: str, error: str = "", **
         "total_s": round(finished - started, 3),
         **extra,
     }
-    (Path(out_dir) / RESULT_FILE).write_text(json.dumps(record, indent=2))
+    path = Path(out_dir) / RESULT_FILE
+    tmp = path.with_name(RESULT_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
 
 
 def _parse(value: str):

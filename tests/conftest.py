@@ -32,6 +32,17 @@ TINY = [
 ]
 
 
+#: A test that needs one of these is `slow` whatever it does: starting the session's Ray alone costs 10-25 s.
+SLOW_FIXTURES = {"ray_session", "ray_address", "fault_kill_sweep"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark Ray-bound tests `slow`: `pytest -m "not slow"` is the quick loop (others are marked by hand)."""
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 def make_config(*overrides: str):
     """Compose conf/config.yaml with overrides, as `python -m raypfl` would."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -47,10 +58,14 @@ def data_root() -> Path:
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray (2 CPUs, small object store) shared by every test that needs it."""
+    """One local Ray (2 CPUs, small object store) shared by every test that needs it; like a run's own
+    Ray it listens on the loopback only (raypfl.runtime.ray_start.loopback_only)."""
     import ray
 
-    ray.init(address="local", num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False)
+    from raypfl.runtime.ray_start import loopback_only
+
+    with loopback_only():
+        ray.init(address="local", num_cpus=2, object_store_memory=256 * 1024 * 1024, include_dashboard=False)
     try:
         yield ray
     finally:

@@ -24,6 +24,7 @@ def run_cli(*args: str, env: dict | None = None, cwd=None) -> subprocess.Complet
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -52,6 +53,7 @@ def test_missing_dataset_says_where_it_looked(tmp_path):
     assert "RAYPFL_DATA" in str(err.value)
 
 
+@pytest.mark.slow
 def test_missing_dataset_and_no_network_fails_without_hanging(tmp_path):
     """Download is attempted through a dead proxy (no network) and fails with the same one-liner."""
     empty = tmp_path / "nodata"

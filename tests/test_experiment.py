@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 import torch
 
 from raypfl.config import validate
@@ -20,6 +21,7 @@ def read_metrics(run_dir) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_fedavg_on_ray_leaves_its_outputs(tmp_path, data_root):
     proc = run_cli("+experiment=fedavg", *TINY, "runtime.num_cpus=2", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import pickle
 import signal
 
 import numpy as np
@@ -72,6 +71,7 @@ def test_no_quorum_stops_with_a_checkpoint_or_skips(tmp_path):
     assert all((r["rtt_s"] == "") == (r["status"] == "dropped") for r in rows)  # answers only have a rtt
 
 
+@pytest.mark.slow
 def test_no_quorum_exits_with_code_3(tmp_path, data_root):
     proc = run_cli(*SEQ, "faults.drop_prob=0.5", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 3, proc.stderr[-2000:]
@@ -144,11 +144,11 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / FILENAME
     save_checkpoint(path, {"round": 1})
 
-    def crash(obj, f, protocol=None):
+    def crash(obj, f, *args, **kwargs):
         f.write(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(pickle, "dump", crash)
+    monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
         save_checkpoint(path, {"round": 2})
     assert load_checkpoint(tmp_path)["round"] == 1  # the last good checkpoint survived
@@ -167,6 +167,7 @@ def test_resume_refuses_a_different_experiment(tmp_path):
         run_experiment(make_config(*SEQ, *stateful_mpi), tmp_path / "e")
 
 
+@pytest.mark.slow
 def test_sigkill_after_round_3_and_resume_gives_the_uninterrupted_model(tmp_path, data_root):
     args = [*SEQ, "train.rounds=6", "optim.persistent_state=true", "optim.momentum=0.5"]
     killed = tmp_path / "killed"
@@ -255,7 +256,9 @@ def test_deadline_closes_the_round_and_cancels_stragglers(ray_session, tmp_path)
         "runtime.num_actors=2",
         "train.rounds=1",
         "clients.speed=lognormal",
-        "clients.speed_sigma=4.0",  # some clients are slowed 100x or more
+        # slowdowns are sleeps in proportion to compute: seed 0 slows client 4 of round 1's cohort ~26,000x,
+        # late for the 2 s deadline on any machine (at 4.0: 162x, on time where its 19 steps take < 12 ms)
+        "clients.speed_sigma=8.0",
         "faults.round_timeout_s=2.0",
         "faults.on_no_quorum=skip",
     )

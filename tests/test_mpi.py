@@ -64,11 +64,14 @@ def sequential_weights(tmp_path_factory, data_root) -> np.ndarray:
     ).weights
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("ranks", "mode"), [(2, "server"), (2, "allgather")])
 def test_mpi_ranks_give_the_sequential_model(ranks, mode, sequential_weights, tmp_path):
     proc = mpirun(ranks, tmp_path, f"runtime.mpi_mode={mode}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"mpi runtime: {ranks} ranks, mode {mode}" in proc.stdout + proc.stderr
+    # same bits per client on every rank; only the float64 sum is grouped by rank (see test_runtimes.py's
+    # CROSS_RUNTIME for why that reaches the float32 model only by a ~1e-9 chance per weight)
     diff = np.abs(saved_weights(tmp_path) - sequential_weights).max()
     assert diff <= 1e-5, f"{ranks} ranks ({mode}): max abs difference {diff}"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".csv")) == [
@@ -83,6 +86,7 @@ def test_runtime_mpi_without_mpiexec_says_so(tmp_path, data_root):
         run_experiment(make_config(*TINY_MPI, "runtime=mpi"), tmp_path)
 
 
+@pytest.mark.slow
 def test_more_ranks_than_clients_says_so(tmp_path, data_root):
     proc = mpirun(2, tmp_path, "clients.num=1", "clients.per_round=1")  # 2 ranks: one process per core
     assert proc.returncode != 0

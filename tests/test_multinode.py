@@ -118,6 +118,23 @@ def test_multinode_spread_gives_the_single_node_pack_model(cluster_run, local_pa
     assert run["final_acc"] == pytest.approx(local.final_accuracy)
 
 
+def test_benchmark_runs_every_round_on_the_actors():
+    """The one-node reference starts its own Ray: with warm start its driver could train every round before
+    the pool is up (a fast machine), leaving no placement to report; so the benchmark turns warm start off."""
+    module = _benchmark_module()
+    assert module.compose_config(list(module.EXPERIMENT)).runtime.warm_start is False
+
+
+def test_benchmark_run_without_an_actor_pool_says_so(monkeypatch, tmp_path):
+    """No pool came up (nothing passed `wait_ready`): a clear error, not an IndexError."""
+    import raypfl.experiment
+
+    module = _benchmark_module()
+    monkeypatch.setattr(raypfl.experiment, "run_experiment", lambda cfg, out: None)
+    with pytest.raises(RuntimeError, match="local-pack: no actor pool came up"):
+        module.run("local-pack", ["model=mlp", "runtime.warm_start=true"], tmp_path)
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [

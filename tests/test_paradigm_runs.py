@@ -113,7 +113,13 @@ def test_ps_sync_on_ray_is_the_same_arithmetic_as_in_process(sync_runs):
 
 
 def test_ps_sync_with_mean_and_allreduce_train_the_same_model(sync_runs):
-    """Both average the two workers' gradients of the same batches and step the same optimizer."""
+    """Both average the two workers' gradients of the same batches and step the same optimizer.
+
+    Why 1e-5 holds on every CPU: the same float32 operations in the same order (a sum of two gradients
+    commutes; both halve it; both step torch's SGD), on one flat vector at the server vs per-layer tensors
+    in the replicas. Elementwise kernels give each element the same bits, unless a vector body and its
+    scalar tail round differently (fused multiply-add); such a 1-ulp seed is all that training can amplify.
+    """
     ps_sync, allreduce = sync_runs["ps_sync"], sync_runs["allreduce"]
     assert ps_sync.rounds[-1]["samples"] == allreduce.rounds[-1]["samples"]
     assert np.max(np.abs(ps_sync.weights - allreduce.weights)) <= 1e-5

@@ -36,10 +36,17 @@ def test_dirichlet_clients_have_unequal_sizes(data_root):
     assert max(sizes) > 1.5 * min(sizes)
 
 
+#: Why 1e-5 holds on every CPU: each client trains with the same kernels and thread count on every runtime,
+#: so its float32 update is the same bits; only the float64 sum of the updates is grouped differently
+#: (per actor, then partials in slot order, vs one by one), which can change a float32 weight only when a
+#: sum lands within ~1e-16 of a float32 rounding boundary (~1e-9 per weight per round). Measured: 0.0.
+CROSS_RUNTIME = 1e-5
+
+
 def test_ray_and_sequential_give_the_same_model(sequential_run, ray_session, tmp_path):
     ray_run = run_experiment(make_config(*DIRICHLET, "runtime=ray", "runtime.num_actors=2"), tmp_path)
     diff = np.abs(ray_run.weights - sequential_run.weights).max()
-    assert diff <= 1e-5, f"max abs difference {diff}"
+    assert diff <= CROSS_RUNTIME, f"max abs difference {diff}"
     assert [r["test_acc"] for r in ray_run.rounds] == pytest.approx(
         [r["test_acc"] for r in sequential_run.rounds]
     )
@@ -51,7 +58,7 @@ def test_ray_runtime_with_three_actors_matches_too(sequential_run, ray_session, 
     ray_run = run_experiment(
         make_config(*DIRICHLET, "runtime=ray", "runtime.num_actors=3", "runtime.cpus_per_actor=0.5"), tmp_path
     )
-    assert np.abs(ray_run.weights - sequential_run.weights).max() <= 1e-5
+    assert np.abs(ray_run.weights - sequential_run.weights).max() <= CROSS_RUNTIME
 
 
 def test_faithful_model_per_client_mode_gives_the_same_model(sequential_run, tmp_path):

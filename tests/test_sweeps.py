@@ -247,6 +247,7 @@ def test_sequential_sweep_shares_one_local_ray(fault_kill_sweep):
     assert nodes[0][1] == nodes[1][1]
 
 
+@pytest.mark.slow
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, data_root):
     proc = sweep(
         tmp_path,

@@ -94,12 +94,19 @@ class RayLauncher(Launcher):
     def _start_ray(self) -> bool:
         """Start (or join) the sweep's one Ray, as a run would; True if this launcher started it."""
         from raypfl.config import RuntimeSpec
-        from raypfl.runtime.ray_runtime import start_ray
+        from raypfl.runtime.ray_start import DEFAULT_CONNECT_TIMEOUT_S, start_ray
 
-        address = self.address or self.config.get("runtime", {}).get("address")
-        return start_ray(
-            RuntimeSpec(address=address, num_cpus=self.num_cpus, object_store_mb=self.object_store_mb)
+        runtime = self.config.get("runtime", {})
+        address = self.address or runtime.get("address")
+        timeout = runtime.get("connect_timeout_s") or DEFAULT_CONNECT_TIMEOUT_S
+        spec = RuntimeSpec(
+            address=address,
+            connect_timeout_s=timeout,
+            num_cpus=self.num_cpus,
+            object_store_mb=self.object_store_mb,
         )
+        # a local Ray is bound to the loopback; a wrong address fails within the timeout (exit 2)
+        return start_ray(spec, key="hydra.launcher.address" if self.address else "runtime.address")
 
     def _concurrency(self) -> int:
         import ray

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from raypfl.config import _positive_int, _require, _spec
+from raypfl.config import _require, _spec, knob
 
 FEDERATED = "federated"
 PARADIGMS = (FEDERATED, "ps_sync", "ps_async", "allreduce", "gossip")
@@ -21,12 +21,15 @@ GOSSIP_VARIANTS = ("mixing", "pairwise")
 class DistributedSpec:
     """Workers, batches and the budget shared by ps_sync, ps_async, allreduce and gossip: `distributed.*`."""
 
-    workers: int = 2  # Ray actors; ps/allreduce: one data shard each; gossip: hosts of the nodes
-    batch_size: int = 32  # per worker (gossip: per node) per step
-    epochs: float = 3.0  # budget: samples processed = epochs x training-set size, all workers together
-    eval_samples: int = 12000  # evaluate the model every this many samples processed (and at the end)
-    straggler: int | None = None  # this worker sleeps straggler_delay_s before each step
-    straggler_delay_s: float = 0.0
+    workers: int = knob(2, ge=1)  # Ray actors; ps/allreduce: one data shard each; gossip: hosts of the nodes
+    batch_size: int = knob(32, ge=1)  # per worker (gossip: per node) per step
+    # budget: samples processed = epochs x training-set size, all workers together
+    epochs: float = knob(3.0, gt=0)
+    # evaluate the model every this many samples processed (and at the end)
+    eval_samples: int = knob(12000, ge=1)
+    # this worker sleeps straggler_delay_s before each step
+    straggler: int | None = knob(None, ge=0, expect="a worker index", null="none")
+    straggler_delay_s: float = knob(0.0, ge=0)
 
     def total_samples(self, train_size: int) -> int:
         return max(1, math.ceil(self.epochs * train_size))
@@ -36,22 +39,26 @@ class DistributedSpec:
 class PSSpec:
     """Parameter-server SGD: `ps.*`."""
 
-    combine: str = "mean"  # sync: sum | mean of the workers' gradients for one version
-    keep_versions: int = 4  # versions the server keeps for pull(v)
-    max_staleness: int | None = 4  # async: gradients computed on a version older than this are dropped
-    stale_policy: str = "drop"  # async: drop (apply the others fully) | scale (weight 1 / (1 + staleness))
+    combine: str = knob("mean", choices=COMBINES)  # sync: sum | mean of the gradients of one version
+    keep_versions: int = knob(4, ge=1)  # versions the server keeps for pull(v)
+    # async: gradients computed on a version older than this are dropped
+    max_staleness: int | None = knob(4, ge=0, null="unbounded")
+    # async: drop (apply the others fully) | scale (weight 1 / (1 + staleness))
+    stale_policy: str = knob("drop", choices=STALE_POLICIES)
 
 
 @dataclass(frozen=True)
 class GossipSpec:
     """Decentralized training: `gossip.*`."""
 
-    nodes: int = 8  # training nodes (each its own model and shard), hosted by distributed.workers actors
-    topology: str = "ring"  # ring | torus | complete | random_regular
-    degree: int = 3  # random_regular: neighbours per node
-    local_steps: int = 20  # batches each node trains between two gossip steps
-    variant: str = "mixing"  # mixing (x_i <- sum_j W_ij x_j) | pairwise (running average with each node)
-    node_test_limit: int = 2000  # each node's own accuracy is measured on the first N test images
+    # training nodes (each its own model and shard), hosted by distributed.workers actors
+    nodes: int = knob(8, ge=2)
+    topology: str = knob("ring", choices=TOPOLOGIES)  # ring | torus | complete | random_regular
+    degree: int = knob(3, ge=1)  # random_regular: neighbours per node
+    local_steps: int = knob(20, ge=1)  # batches each node trains between two gossip steps
+    # mixing (x_i <- sum_j W_ij x_j) | pairwise (running average with each node)
+    variant: str = knob("mixing", choices=GOSSIP_VARIANTS)
+    node_test_limit: int = knob(2000, ge=1)  # each node's own accuracy is measured on the first N test images
 
 
 def paradigm_of(cfg: DictConfig) -> str:
@@ -77,45 +84,16 @@ def validate_paradigm(cfg: DictConfig) -> None:
     if paradigm == FEDERATED:
         return
     _require(cfg.runtime.name == "ray", f"paradigm={paradigm} runs on Ray actors: runtime={cfg.runtime.name}")
-    d = distributed_spec(cfg)
-    _positive_int(d.workers, "distributed.workers")
-    _positive_int(d.batch_size, "distributed.batch_size")
-    _positive_int(d.eval_samples, "distributed.eval_samples")
-    _require(d.epochs > 0, f"distributed.epochs={d.epochs} must be > 0")
-    _require(d.straggler_delay_s >= 0, f"distributed.straggler_delay_s={d.straggler_delay_s} must be >= 0")
+    d = distributed_spec(cfg)  # every key's type and range: the specs' knobs
     if d.straggler is not None:
         _require(
-            isinstance(d.straggler, int) and 0 <= d.straggler < d.workers,
+            d.straggler < d.workers,
             f"distributed.straggler={d.straggler} must be a worker index in [0, {d.workers})",
         )
-    if paradigm in ("ps_sync", "ps_async"):
-        ps = ps_spec(cfg)
-        _require(ps.combine in COMBINES, f"ps.combine={ps.combine} must be one of {', '.join(COMBINES)}")
-        _positive_int(ps.keep_versions, "ps.keep_versions")
-        _require(
-            ps.stale_policy in STALE_POLICIES,
-            f"ps.stale_policy={ps.stale_policy} must be one of {', '.join(STALE_POLICIES)}",
-        )
-        if ps.max_staleness is not None:
-            _require(
-                isinstance(ps.max_staleness, int) and ps.max_staleness >= 0,
-                f"ps.max_staleness={ps.max_staleness} must be an integer >= 0 (or null: unbounded)",
-            )
     if paradigm == "allreduce":
         _require(d.workers >= 2, f"paradigm=allreduce needs distributed.workers >= 2, got {d.workers}")
     if paradigm == "gossip":
         g = gossip_spec(cfg)
-        _positive_int(g.nodes, "gossip.nodes")
-        _positive_int(g.local_steps, "gossip.local_steps")
-        _positive_int(g.node_test_limit, "gossip.node_test_limit")
-        _require(g.nodes >= 2, f"gossip.nodes={g.nodes} must be >= 2")
-        _require(
-            g.topology in TOPOLOGIES, f"gossip.topology={g.topology} must be one of {', '.join(TOPOLOGIES)}"
-        )
-        _require(
-            g.variant in GOSSIP_VARIANTS,
-            f"gossip.variant={g.variant} must be one of {', '.join(GOSSIP_VARIANTS)}",
-        )
         _require(
             d.workers <= g.nodes, f"distributed.workers={d.workers} > gossip.nodes={g.nodes}: idle hosts"
         )

@@ -6,6 +6,11 @@ applied and version v+1 is published. If fewer than `quorum` clients answered, t
 v+1 is the unchanged model. Pushes for a closed round are discarded and counted. Only the last
 `keep_versions` versions are kept. Used in-process by the sequential runtime and as a Ray actor by the
 Ray runtime.
+
+A push may name its `slot` (0..n-1): slotted partials are merged in slot order whatever order they arrive
+in, so a partial re-sent after its actor died (and trained again elsewhere) lands exactly where it would
+have been summed, and the float64 sum, hence the next version, is the same to the bit. In order (the
+no-fault case) a slotted push is merged at once, as an unslotted one is.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -64,6 +70,23 @@ class VersionedWeights:
         return self.latest, self.versions[self.latest]
 
 
+@dataclass
+class _OpenRound:
+    """A round being aggregated: pushes still expected, the sum so far, the quorum, out-of-turn slots."""
+
+    expected: int
+    quorum: int
+    aggregate: Aggregate = field(default_factory=Aggregate)
+    next_slot: int = 0  # the slot merged next
+    waiting: dict[int, Aggregate] = field(default_factory=dict)  # slotted pushes that arrived early
+
+    def drain(self) -> None:
+        """Merge the waiting slots that are next in line."""
+        while self.next_slot in self.waiting:
+            self.aggregate.merge(self.waiting.pop(self.next_slot))
+            self.next_slot += 1
+
+
 class ParameterServer(VersionedWeights):
     """Versioned global weights with push/pull and a bounded history."""
 
@@ -72,8 +95,7 @@ class ParameterServer(VersionedWeights):
     ):
         super().__init__(weights, keep_versions, version)
         self.server_update = server_update
-        # version -> (pushes still expected, aggregate so far, answers needed for a quorum)
-        self.rounds: dict[int, tuple[int, Aggregate, int]] = {}
+        self.rounds: dict[int, _OpenRound] = {}  # version -> the round building on it
         self.last_aggregate: Aggregate | None = None
         self.last_quorum_met = True
         self.stale_pushes = 0
@@ -87,19 +109,30 @@ class ParameterServer(VersionedWeights):
         """
         if version != self.latest:
             raise ValueError(f"cannot open a round on version {version}: latest is {self.latest}")
-        self.rounds[version] = (num_pushes, Aggregate(), quorum)
+        self.rounds[version] = _OpenRound(num_pushes, quorum)
 
-    def push(self, version: int, update: Aggregate) -> bool:
-        """Add an update computed from `version`; returns True if it completed the round."""
+    def push(self, version: int, update: Aggregate, slot: int | None = None) -> bool:
+        """Add an update computed from `version`; returns True if it completed the round.
+
+        `slot`: this partial's place in the merge order (see the module docstring); a slot pushed twice
+        is ignored.
+        """
         if version not in self.rounds:
             self.stale_pushes += 1
             log.warning("discarded a push for version %d (latest is %d)", version, self.latest)
             return False
         start = time.perf_counter()
-        expected, aggregate, quorum = self.rounds[version]
-        aggregate.merge(update)
-        if expected > 1:
-            self.rounds[version] = (expected - 1, aggregate, quorum)
+        open_round = self.rounds[version]
+        if slot is None:
+            open_round.aggregate.merge(update)
+        elif slot < open_round.next_slot or slot in open_round.waiting:
+            log.warning("ignored a second push of slot %d for version %d", slot, version)
+            return False
+        else:
+            open_round.waiting[slot] = update
+            open_round.drain()
+        open_round.expected -= 1
+        if open_round.expected > 0:
             self._round_aggregate_s += time.perf_counter() - start
             return False
         self._close(version, start)
@@ -112,7 +145,10 @@ class ParameterServer(VersionedWeights):
         return self.round_summary()
 
     def _close(self, version: int, start: float) -> None:
-        _, aggregate, quorum = self.rounds.pop(version)
+        open_round = self.rounds.pop(version)
+        for slot in sorted(open_round.waiting):  # closed early: what arrived, still in slot order
+            open_round.aggregate.merge(open_round.waiting.pop(slot))
+        aggregate, quorum = open_round.aggregate, open_round.quorum
         current = self.versions[version]
         answered = len(aggregate.clients) + len(aggregate.rejected)
         self.last_quorum_met = answered >= quorum

@@ -6,7 +6,9 @@ pushes ONE partial sum straight to the parameter server (an ObjectRef, never fet
 only per-client metrics come back. When `faults.*` asks for more (quorum, deadlines, injected faults,
 load balancing), rounds take the tolerant path in `raypfl.runtime.tolerant`: one call per client, so
 that the round can close on a quorum and lost actors can be retried. Evaluation is split over the
-actors, so it uses every core too.
+actors, so it uses every core too. Either path survives dead actors (`raypfl.runtime.recovery`): a plain
+round replaces a dead client actor and trains its share again, and both replace a dead parameter server
+from the driver's reference to the round's weights; nothing of this costs a call while nothing fails.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from raypfl.runtime.base import (
 )
 from raypfl.runtime.parameter_server import ParameterServer
 from raypfl.runtime.placement import actor_location, describe, node_labels, scheduling_options
+from raypfl.runtime.ray_start import start_ray  # noqa: F401 (start-up lives there; kept importable)
+from raypfl.runtime.recovery import LOST, ActorRecovery, Share
 from raypfl.runtime.scheduling import assign_cohort, split_range
 from raypfl.runtime.setup import FederationSetup
 from raypfl.runtime.worker import ClientWorker
@@ -40,22 +44,6 @@ log = logging.getLogger(__name__)
 
 #: Restarts Ray grants a client actor that dies when faults are being injected.
 ACTOR_RESTARTS = 3
-
-
-def start_ray(spec: RuntimeSpec) -> bool:
-    """Start a local Ray (or join `runtime.address`) unless one is already up; True if we started it."""
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
-    if spec.address:
-        ray.init(address=spec.address, **kwargs)
-    else:
-        store = spec.object_store_mb * 1024 * 1024 if spec.object_store_mb else None
-        ray.init(
-            address="local", num_cpus=spec.num_cpus or os.cpu_count(), object_store_memory=store, **kwargs
-        )
-    return True
 
 
 def pool_size(spec: RuntimeSpec) -> int:
@@ -130,6 +118,8 @@ class RayRuntime:
         self._ready_refs: list = []
         self._previous: tuple[int, object] | None = None  # the current version while the next is pulled
         self.placement: list[dict] = []
+        self._actor_cls = None  # ClientActor with this run's options: new actors replace dead ones
+        self.recovery: ActorRecovery | None = None
 
     @property
     def parallelism(self) -> int:
@@ -161,7 +151,7 @@ class RayRuntime:
         # dataset arrays go into the object store once; actors read them zero-copy. The runtime holds the
         # reference for its whole life: a restarted actor (faults) is rebuilt from it. (Ray still logs a
         # core_worker warning about object-store arguments of restartable actors; holding the ref is its fix.)
-        self._setup_ref = setup_ref = ray.put(setup)
+        self._setup_ref = ray.put(setup)
         faulty = setup.faults is not None and setup.faults.active
         actor_cls = ClientActor.options(
             num_cpus=self.spec.cpus_per_actor,
@@ -169,7 +159,9 @@ class RayRuntime:
             max_restarts=ACTOR_RESTARTS if faulty else 0,
             **scheduling_options(self.spec.placement),
         )
-        self.actors = [actor_cls.remote(setup_ref, self.spec.rebuild_model) for _ in range(num_actors)]
+        self._actor_cls = actor_cls
+        self.actors = [self.new_actor() for _ in range(num_actors)]
+        self.recovery = ActorRecovery(self)
         self.sticky = setup.algorithm.stateful_clients
         self._open(initial_weights, version)  # its process starts while the client actors start
         self._ready_refs = [actor.ready.remote() for actor in self.actors]
@@ -208,14 +200,26 @@ class RayRuntime:
             log.info("placement: %s", line)
         self._locate_server(labels)
 
+    def new_actor(self):
+        """A new client actor (not waited for), from the setup the runtime keeps in the object store."""
+        return self._actor_cls.remote(self._setup_ref, self.spec.rebuild_model)
+
     def _open(self, initial_weights: np.ndarray, version: int) -> None:
         """Start the parameter-server actor holding `initial_weights` as `version`."""
-        server_cls = ray.remote(ParameterServer).options(num_cpus=0)
-        self.server = server_cls.remote(
-            initial_weights, self.setup.algorithm.server_update, self.keep_versions, version
-        )
+        self.new_server(self._put_weights(initial_weights, version), version)
+
+    def _put_weights(self, weights: np.ndarray, version: int):
+        """Put `weights` in the object store as the current version (the driver owns them, not the server)."""
+        ref = ray.put(np.asarray(weights, np.float32))
         self.version = version
-        self._weights = self._previous = None
+        self._weights, self._previous = (version, ref), None
+        return ref
+
+    def new_server(self, weights_ref, version: int) -> None:
+        """A parameter-server actor holding the weights in `weights_ref` as `version` (not waited for)."""
+        server_cls = ray.remote(ParameterServer).options(num_cpus=0)
+        update = self.setup.algorithm.server_update
+        self.server = server_cls.remote(weights_ref, update, self.keep_versions, version)
 
     def _locate_server(self, labels: dict) -> None:
         # the parameter server has no method for this; __ray_call__ runs the function inside any actor
@@ -225,15 +229,14 @@ class RayRuntime:
 
     def take_over(self, weights: np.ndarray, version: int) -> None:
         """Continue from a global model trained elsewhere (the driver, during a warm start)."""
-        self.server.reset.remote(weights, version)  # runs before any later call to the server
-        self.version = version
-        self._weights = self._previous = None
+        self.server.reset.remote(self._put_weights(weights, version), version)  # runs before later calls
 
     def _weights_ref(self):
         """The latest global weights in the object store: put once per version, shared by train and eval.
 
         While a round is out, the next version's ref is already queued (`_weights`) and the current one is
-        kept (`_previous`), so a checkpoint of the current version does not wait for the round.
+        kept (`_previous`), so a checkpoint of the current version does not wait for the round. The driver
+        owns these refs: the weights outlive a parameter server that dies (`raypfl.runtime.recovery`).
         """
         for cached in (self._weights, self._previous):
             if cached is not None and cached[0] == self.version:
@@ -252,42 +255,50 @@ class RayRuntime:
             cohort, [self.setup.partition.size(c) for c in cohort], len(self.actors), self.sticky
         )
         busy = [(index, group) for index, group in enumerate(groups) if group]
-        self.server.expect.remote(version, len(busy), quorum_for(self.setup.faults, len(cohort)))
-        metric_refs, state_refs, push_refs = [], [], []
-        for index, group in busy:
-            partial_ref, metrics_ref, states_ref = (
-                self.actors[index]
-                .train_cohort.options(num_returns=3)
-                .remote(
-                    weights_ref,
-                    plan.round_idx,
-                    group,
-                    {c: plan.work[c] for c in group if c in plan.work},
-                    {c: plan.states[c] for c in group if c in plan.states},
-                )
-            )
-            push_refs.append(self.server.push.remote(version, partial_ref))
-            metric_refs.append(metrics_ref)
-            state_refs.append(states_ref)
-        # the server runs its calls in order: the summary and the next version follow the pushes, so
-        # the driver queues them now and waits once, instead of a round trip each
-        summary_ref = self.server.round_summary.remote()
+        shares = [Share(slot, index, self.actors[index], group) for slot, (index, group) in enumerate(busy)]
+        need = quorum_for(self.setup.faults, len(cohort))
+        self.server.expect.remote(version, len(shares), need)
+        for share in shares:
+            self.train_share(share, weights_ref, plan)
+            share.push_ref = self.server.push.remote(version, share.partial_ref, share.slot)
+        # the server runs its calls in order: the next version and the summary follow the pushes, so
+        # the driver queues them now and waits once, instead of a round trip each. The pull goes first:
+        # once the summary is in, so are the next version's weights (they outlive the server)
         self._previous = (version, weights_ref)
         self._weights = (version + 1, self.server.pull.remote(version + 1))
+        summary_ref = self.server.round_summary.remote()
         notify(on_submitted)
-        per_actor = ray.get(metric_refs)
-        for (index, _), rows in zip(busy, per_actor):
+        try:
+            per_actor = ray.get([share.metrics_ref for share in shares])
+            states: dict = {}
+            if self.sticky:
+                for part in ray.get([share.states_ref for share in shares]):
+                    states.update(part)
+            *_, summary = ray.get([*(share.push_ref for share in shares), summary_ref])
+        except LOST:  # an actor died: replace it, train its share again (raypfl.runtime.recovery)
+            per_actor, states, summary = self.recovery.finish_round(
+                plan, version, weights_ref, shares, need, summary_ref
+            )
+        for share, rows in zip(shares, per_actor):
             elapsed = 0.0
             for row in rows:  # an actor's clients answer one after another
                 elapsed += row["seconds"]
-                row.update(actor=index, rtt_s=round_trip(row, elapsed))
-        states: dict = {}
-        if self.sticky:
-            for part in ray.get(state_refs):
-                states.update(part)
-        *_, summary = ray.get([*push_refs, summary_ref])
+                row.update(actor=share.actor, rtt_s=round_trip(row, elapsed))
+                row["attempts"] += share.retries
         self.version = version + 1
         return RoundResult.from_workers(self.version, per_actor, summary, states)
+
+    def train_share(self, share: Share, weights_ref, plan: RoundPlan) -> None:
+        """Send `share`'s clients to its actor; the call's three result refs go into the share."""
+        share.partial_ref, share.metrics_ref, share.states_ref = share.handle.train_cohort.options(
+            num_returns=3
+        ).remote(
+            weights_ref,
+            plan.round_idx,
+            share.clients,
+            {c: plan.work[c] for c in share.clients if c in plan.work},
+            {c: plan.states[c] for c in share.clients if c in plan.states},
+        )
 
     def evaluate_async(self) -> Callable[[], Evaluation]:
         """Start evaluating the latest global model on the actors (split evenly); call the result to wait.
@@ -298,10 +309,18 @@ class RayRuntime:
         if self.tolerant is not None:
             done = self.tolerant.evaluate(self._weights_ref())
             return lambda: done
-        weights_ref = self._weights_ref()
+        version, weights_ref = self.version, self._weights_ref()
         ranges = split_range(len(self.setup.dataset.test_y), len(self.actors))
-        parts = [actor.evaluate.remote(weights_ref, a, b) for actor, (a, b) in zip(self.actors, ranges)]
-        return lambda: combine_evaluations(ray.get(parts))
+        handles = self.actors[: len(ranges)]
+        parts = [actor.evaluate.remote(weights_ref, a, b) for actor, (a, b) in zip(handles, ranges)]
+
+        def collect() -> Evaluation:
+            try:
+                return combine_evaluations(ray.get(parts))
+            except LOST:  # an actor died: its part is evaluated again on another one
+                return self.recovery.finish_evaluation(version, weights_ref, ranges, parts, handles)
+
+        return collect
 
     def evaluate(self) -> Evaluation:
         return self.evaluate_async()()
@@ -315,7 +334,7 @@ class RayRuntime:
         if self.server is not None:
             ray.kill(self.server)
         self.actors, self.server, self._weights, self.tolerant = [], None, None, None
-        self._setup_ref = None
+        self._previous = self._setup_ref = self.recovery = None
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False

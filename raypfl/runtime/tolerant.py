@@ -9,7 +9,9 @@ updates are never aggregated. A client whose actor died is re-sent (with backoff
 Client state survives actor deaths because the driver keeps it (`RoundPlan.states`); the workload is
 the balancer's, also in the driver. Actors that errored are probed at the start of the next round: a
 restarted one rejoins, a dead one leaves the pool (its clients move to living actors, or, with
-`faults.reassign=false`, are lost with it).
+`faults.reassign=false`, are lost with it). A parameter server that dies is replaced by a new one holding
+the round's base version (the driver's reference to its weights), and the round's answers are pushed to
+it again in the order they came (`raypfl.runtime.recovery`): the same update as without the loss.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from raypfl import seeding
 from raypfl.balancing import work_amount
 from raypfl.errors import RunStopped
 from raypfl.runtime.base import ANSWERED, Evaluation, RoundPlan, RoundResult, combine_evaluations, round_trip
+from raypfl.runtime.recovery import LOST, failure
 from raypfl.runtime.scheduling import assign_cohort, split_range
 from raypfl.runtime.setup import FederationSetup
 
@@ -215,7 +218,7 @@ class TolerantRounds:
             self._kill(r)
         answered = 0
         states: dict[int, Any] = {}
-        pushes = []
+        pushes, partials = [], []  # the answers' pushes and updates, in the order they came
         while pending and answered < need:
             wait_s = None if deadline is None else max(0.0, deadline - time.perf_counter())
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
@@ -257,6 +260,7 @@ class TolerantRounds:
             if row["status"] in ANSWERED:
                 answered += 1
                 pushes.append(rt.server.push.remote(version, call.partial_ref))
+                partials.append(call.partial_ref)
                 if rt.sticky and row["status"] == "ok":
                     states.update(ray.get(call.states_ref))
 
@@ -267,8 +271,22 @@ class TolerantRounds:
             rows[call.client] = unanswered(call.client, "late", call.actor, call.attempt + 1)
         for actor in sorted({call.actor for call in pending.values()}):
             rt.actors[actor].cancel_round.remote(r)
-        ray.get(pushes)
-        summary = ray.get(rt.server.close.remote(version))
+        close_ref = rt.server.close.remote(version)
+        next_ref = rt.server.pull.remote(version + 1)  # owned by the driver, these weights outlive the server
+        try:
+            ray.get(pushes)
+            summary = ray.get(close_ref)
+            lost = failure(next_ref)
+        except LOST:
+            lost = failure(close_ref)
+            if lost is None:  # the server lives: an update was lost (its node died)
+                raise
+        if lost is not None:  # the server died: a new one, the answers pushed to it again in their order
+            why = f"round {r}"
+            summary = rt.recovery.reaggregate(version, weights_ref, partials, len(plan.cohort), need, why)
+            next_ref = rt.server.pull.remote(version + 1)
+            ray.wait([next_ref], fetch_local=False)
+        rt._previous, rt._weights = (version, weights_ref), (version + 1, next_ref)
         rt.version = version + 1
         late = [c for c, row in rows.items() if row["status"] == "late"]
         if late:
