@@ -131,6 +131,8 @@ def _interrupted(
         write_result(out_dir, started, "interrupted", f"interrupted by {name}", signal=name, **extra)
         print(message, file=sys.stderr, flush=True)
         _log_to_file(message)
+    if not interrupts.installed():  # not our process (e.g. a Ray task of the Ray launcher): its caller's
+        raise exc
     interrupts.shutdown_ray()  # a Ray started but not yet handed to the runtime (which closes its own)
     sys.exit(interrupts.EXIT_OFFSET + signum)
 

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import yaml
 
-from raypfl.plots import plot_sweep
-
 log = logging.getLogger("raypfl")
 
 RESULT_FILE = "result.json"
@@ -143,6 +141,8 @@ def build_report(path: Path, target: float = DEFAULT_TARGET) -> tuple[Path, Path
     png_path = None
     if numeric:
         x_key = "optim.lr" if "optim.lr" in numeric else numeric[0]
+        from raypfl.plots import plot_sweep  # matplotlib: not for every `python -m raypfl` start-up
+
         png_path = plot_sweep(rows, x_key, [k for k in keys if k != x_key], path / "summary.png")
     return csv_path, png_path, rows
 

@@ -25,17 +25,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from raypfl import checkpoint
 from raypfl.errors import RaypflError
 
 LOCK_FILE = ".raypfl.lock"
-#: A folder holding any of these holds a run's results (the checkpoint's old name too).
-RESULT_FILES = (
-    "model.pt",
-    "summary.json",
-    checkpoint.FILENAME,
-    getattr(checkpoint, "OLD_FILENAME", "checkpoint.pkl"),
-)
+#: A folder holding any of these holds a run's results (and the checkpoint, under its old name too).
+RESULT_FILES = ("model.pt", "summary.json")
 #: Tables written with a header when a run starts: results once they hold a row.
 TABLES = ("metrics.csv", "clients.csv")
 RESULT_JSON = "result.json"
@@ -90,8 +84,11 @@ def _acquire(folder: str | Path) -> RunLock:
     held = _HELD.get(folder)
     if held is not None:
         return held
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise RunFolderError(f"run folder {folder}: {exc.strerror or exc}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -118,11 +115,17 @@ def results_in(folder: str | Path) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [name for name in RESULT_FILES if (folder / name).exists()]
+    found = [name for name in (*RESULT_FILES, *_checkpoint_names()) if (folder / name).exists()]
     found += [name for name in TABLES if _has_rows(folder / name)]
     if _finished(folder / RESULT_JSON):
         found.append(RESULT_JSON)
     return found
+
+
+def _checkpoint_names() -> tuple[str, ...]:
+    from raypfl import checkpoint  # imports torch: not before a command line is checked
+
+    return (checkpoint.FILENAME, getattr(checkpoint, "OLD_FILENAME", "checkpoint.pkl"))
 
 
 def _has_rows(path: Path) -> bool:
@@ -185,7 +188,7 @@ def claim(folder: str | Path, overwrite: object = False, resume: str | Path | No
 
 
 def checkpoint_in(folder: Path) -> bool:
-    return (Path(folder) / checkpoint.FILENAME).exists()
+    return (Path(folder) / _checkpoint_names()[0]).exists()
 
 
 def release_all() -> None:
