@@ -279,3 +279,31 @@ def test_shipped_paradigm_configs_validate(experiment):
     cfg = make_config(f"+experiment={experiment}")
     validate(cfg)
     assert cfg.paradigm == experiment and cfg.model.name == "mlp"
+
+
+def test_a_local_allreduce_group_meets_on_the_loopback_only():
+    """On a local (loopback) Ray the gloo group meets through a file store: no TCP store listening on
+    every interface, and gloo's own socket on the loopback."""
+    import ast
+    import os
+    import subprocess
+    import sys
+
+    from raypfl.paradigms.allreduce import rendezvous_address
+
+    assert rendezvous_address("10.1.2.3").startswith("tcp://10.1.2.3:")
+    address = rendezvous_address("127.0.0.1")
+    assert address.startswith("file://")
+    probe = (
+        "import os, psutil, torch.distributed as dist\n"
+        "os.environ.setdefault('GLOO_SOCKET_IFNAME', 'lo')\n"
+        f"dist.init_process_group('gloo', init_method={address!r}, rank=0, world_size=1)\n"
+        "me = psutil.Process()\n"
+        "print([c.laddr.ip for c in me.net_connections('tcp') if c.status == psutil.CONN_LISTEN])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=os.environ
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    listening = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    assert listening and all(ip in ("127.0.0.1", "::1", "::ffff:127.0.0.1") for ip in listening), listening

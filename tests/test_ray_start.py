@@ -192,10 +192,14 @@ def _is_loopback(ip: str) -> bool:
 
 
 def _session_listeners(session_dir: str) -> dict[str, list[str]]:
-    """{'name pid': [listening TCP addresses]} of this Ray session's processes: this driver, every
+    """{'name pid (command line)': [listening TCP addresses]} of this Ray session's processes: every
     process whose command line names the session dir (GCS, raylet, autoscaler monitor, dashboard head)
-    and their descendants (agents and workers rename themselves, e.g. ray::DashboardAgent)."""
-    procs = {psutil.Process().pid: psutil.Process()}
+    and their descendants (agents and workers rename themselves, e.g. ray::DashboardAgent).
+
+    The test process itself is left out: other tests open sockets in it that are not Ray's (MPICH's
+    MPI_Init in test_mpi.py listens on the host's address), and its Ray core-worker socket is the same
+    kind as every worker's, which are checked."""
+    procs: dict[int, psutil.Process] = {}
     for proc in psutil.process_iter(["cmdline"]):
         try:
             if session_dir in " ".join(proc.info["cmdline"] or []):
@@ -212,7 +216,11 @@ def _session_listeners(session_dir: str) -> dict[str, list[str]]:
             continue
         addresses = [f"{c.laddr.ip}:{c.laddr.port}" for c in conns if c.status == psutil.CONN_LISTEN]
         if addresses:
-            listeners[f"{name} {pid}"] = addresses
+            try:  # the command line says which process it is when the test fails
+                name = f"{name} {pid} ({' '.join(proc.cmdline())[:120]})"
+            except psutil.Error:
+                name = f"{name} {pid}"
+            listeners[name] = addresses
     return listeners
 
 

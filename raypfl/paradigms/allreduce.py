@@ -1,18 +1,23 @@
 """Synchronous data-parallel SGD with a real collective: `paradigm=allreduce`.
 
-Each worker is a Ray actor in one `torch.distributed` gloo process group (rank 0's actor names the TCP
-rendezvous address). Every step each replica computes the gradient of its own batch, the flat gradients
-(plus the batch loss) are summed by one `all_reduce` and divided by the world size, and every replica takes
-the same optimizer step. Replicas start from the same weights, so they stay identical; after training
-`check_replicas` compares them (max abs difference <= 1e-6) and the run fails loudly if they diverged.
+Each worker is a Ray actor in one `torch.distributed` gloo process group (rank 0's actor names the
+rendezvous: a file store on a local Ray, a TCP address on a cluster). Every step each replica computes the
+gradient of its own batch, the flat gradients (plus the batch loss) are summed by one `all_reduce` and
+divided by the world size, and every replica takes the same optimizer step. Replicas start from the same
+weights, so they stay identical; after training `check_replicas` compares them (max abs difference <= 1e-6)
+and the run fails loudly if they diverged.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
+import os
 import socket
+import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -51,6 +56,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rendezvous_address(node_ip: str) -> str:
+    """A Ray bound to the loopback (a local run) is one machine: a file store in its temp folder, so the
+    group opens no TCP port beyond the loopback (a TCP store listens on every interface); on a cluster, a
+    TCP address on this node."""
+    if ipaddress.ip_address(node_ip).is_loopback:
+        return f"file://{tempfile.gettempdir()}/raypfl-gloo-{uuid.uuid4().hex}"
+    return f"tcp://{node_ip}:{free_port()}"
+
+
 @ray.remote(num_cpus=1, concurrency_groups={"control": 1})
 class AllReduceWorker:
     """One replica: its shard, its model and optimizer, and its rank in the gloo group."""
@@ -62,10 +76,12 @@ class AllReduceWorker:
         self.points: list[Point] = []
 
     def rendezvous(self) -> str:
-        """rank 0: a TCP address the group can meet at."""
-        return f"tcp://{ray.util.get_node_ip_address()}:{free_port()}"
+        """rank 0: where the group meets (`rendezvous_address` of this node)."""
+        return rendezvous_address(ray.util.get_node_ip_address())
 
     def join(self, address: str) -> None:
+        if address.startswith("file://"):  # one machine: gloo's own sockets on the loopback too
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
         dist.init_process_group(
             "gloo", init_method=address, rank=self.rank, world_size=self.world, timeout=timedelta(seconds=120)
         )
