@@ -43,6 +43,29 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+#: The issue-13 probe's base command line: a small, quick sequential run (add train.rounds=...).
+SMALL_RUN = [
+    "model=mlp",
+    "dataset.train_limit=2000",
+    "dataset.test_limit=500",
+    "clients.num=10",
+    "clients.per_round=2",
+    "runtime=sequential",
+]
+
+
+def run_cli(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """`python -m raypfl ARGS` as a user types it, with this session's environment (plus `env`)."""
+    return subprocess.run(
+        [sys.executable, "-m", "raypfl", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd or REPO,
+        env={**os.environ, **(env or {})},
+    )
+
+
 def make_config(*overrides: str):
     """Compose conf/config.yaml with overrides, as `python -m raypfl` would."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -12,18 +12,10 @@ from raypfl.cli import check_key_overrides
 from raypfl.config import RAY_MIN_OBJECT_STORE_MB, validate
 from raypfl.errors import ConfigError, RunStopped
 from raypfl.experiment import RunResult
-from tests.conftest import CONF_DIR, make_config
+from tests.conftest import CONF_DIR, SMALL_RUN, make_config, run_cli
 
 #: The issue's base command line: a small sequential run.
-B = [
-    "model=mlp",
-    "dataset.train_limit=2000",
-    "dataset.test_limit=500",
-    "clients.num=10",
-    "clients.per_round=2",
-    "runtime=sequential",
-    "train.rounds=1",
-]
+B = [*SMALL_RUN, "train.rounds=1"]
 #: runtime.object_store_mb is a key of runtime=ray only
 B_RAY = [o for o in B if o != "runtime=sequential"]
 
@@ -198,8 +190,6 @@ def test_a_run_that_never_averaged_an_update_is_not_a_success():
     ],
 )
 def test_command_line_exits_2_with_one_line(arg, expected, tmp_path):
-    from tests.test_cli import run_cli
-
     proc = run_cli(*B, arg, f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and expected in proc.stderr

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from raypfl.errors import DataError
 from raypfl.experiment import run_experiment
-from tests.conftest import REPO, make_config
-
-
-def run_cli(*args: str, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "raypfl", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd or REPO,
-        env={**os.environ, **(env or {})},
-    )
+from tests.conftest import make_config, run_cli
 
 
 @pytest.mark.slow

@@ -24,28 +24,9 @@ from raypfl.run_folder import (
     results_in,
     resumes_from,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, SMALL_RUN, run_cli
 
-B = [
-    "model=mlp",
-    "dataset.train_limit=2000",
-    "dataset.test_limit=500",
-    "clients.num=10",
-    "clients.per_round=2",
-    "runtime=sequential",
-    "train.rounds=1",
-]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "raypfl", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=REPO,
-        env=os.environ.copy(),
-    )
+B = [*SMALL_RUN, "train.rounds=1"]
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:

@@ -22,16 +22,9 @@ from raypfl.checkpoint import FILENAME, load_checkpoint
 from raypfl.experiment import run_experiment
 from raypfl.interrupts import RunInterrupted
 from raypfl.tracking import RunTracker
-from tests.conftest import REPO, make_config
+from tests.conftest import REPO, SMALL_RUN, make_config
 
-B = [
-    "model=mlp",
-    "dataset.train_limit=2000",
-    "dataset.test_limit=500",
-    "clients.num=10",
-    "clients.per_round=2",
-    "runtime=sequential",
-]
+B = SMALL_RUN
 MANY = "train.rounds=5000"  # far more rounds than a test waits for
 OWN_RAY = ["runtime=ray", "runtime.num_cpus=1", "runtime.object_store_mb=100"]
 

@@ -35,7 +35,7 @@ from raypfl.runtime.base import (
 from raypfl.runtime.parameter_server import ParameterServer
 from raypfl.runtime.placement import actor_location, describe, node_labels, scheduling_options
 from raypfl.runtime.ray_start import start_ray  # noqa: F401 (start-up lives there; kept importable)
-from raypfl.runtime.recovery import LOST, ActorRecovery, Share
+from raypfl.runtime.recovery import LOST, ActorRecovery, Share, collect_shares
 from raypfl.runtime.scheduling import assign_cohort, split_range
 from raypfl.runtime.setup import FederationSetup
 from raypfl.runtime.worker import ClientWorker
@@ -269,11 +269,7 @@ class RayRuntime:
         summary_ref = self.server.round_summary.remote()
         notify(on_submitted)
         try:
-            per_actor = ray.get([share.metrics_ref for share in shares])
-            states: dict = {}
-            if self.sticky:
-                for part in ray.get([share.states_ref for share in shares]):
-                    states.update(part)
+            per_actor, states = collect_shares(shares, self.sticky)
             *_, summary = ray.get([*(share.push_ref for share in shares), summary_ref])
         except LOST:  # an actor died: replace it, train its share again (raypfl.runtime.recovery)
             per_actor, states, summary = self.recovery.finish_round(

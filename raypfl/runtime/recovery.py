@@ -83,6 +83,16 @@ def _name(exc: BaseException) -> str:
     return type(exc).__name__.replace("RayTaskError(", "").rstrip(")")
 
 
+def collect_shares(shares: list[Share], sticky: bool) -> tuple[list, dict]:
+    """Each share's per-client metrics, and (with client state kept by the driver) the clients' states."""
+    per_share = ray.get([share.metrics_ref for share in shares])
+    states: dict = {}
+    if sticky:
+        for part in ray.get([share.states_ref for share in shares]):
+            states.update(part)
+    return per_share, states
+
+
 class ActorRecovery:
     """Replaces lost actors of a RayRuntime and completes the round (or evaluation) they were part of."""
 
@@ -210,11 +220,7 @@ class ActorRecovery:
             rt._weights = (version + 1, rt.server.pull.remote(version + 1))
             summary_ref = rt.server.round_summary.remote()
             try:
-                per_share = ray.get([s.metrics_ref for s in shares])
-                states: dict = {}
-                if rt.sticky:
-                    for part in ray.get([s.states_ref for s in shares]):
-                        states.update(part)
+                per_share, states = collect_shares(shares, rt.sticky)
                 ray.get([s.push_ref for s in shares])
                 summary = ray.get(summary_ref)
             except LOST as exc:
