@@ -308,10 +308,12 @@ def processes_of_session(session: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["TERM", "KILL"])
+@pytest.mark.parametrize("signum", [signal.SIGKILL], ids=["KILL"])
 def test_no_ray_process_outlives_the_driver(tmp_path, data_root, signum):
-    """A run with its own Ray: after SIGTERM (clean exit 143) or even a SIGKILL of the driver, every
-    process it started is gone within 10 s (Ray's agents used to linger for a minute)."""
+    """A run with its own Ray: even after a SIGKILL of the driver, which no handler sees, every process
+    it started is gone within 10 s (Ray's agents used to linger for a minute). SIGTERM and SIGINT take
+    the clean path (ray.shutdown) checked by test_ctrl_c_while_ray_starts; SIGTERM works here too (the
+    parameter is kept for it), left out of the suite for time: a run with its own Ray costs ~18 s."""
     out = tmp_path / "run"
     run = Run(*B, *OWN_RAY, MANY, f"hydra.run.dir={out}")
     seen = run.track_descendants()
