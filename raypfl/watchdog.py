@@ -55,13 +55,8 @@ def watch(driver_pid: int, ray_dir: str, stdin_fd: int = 0) -> int:
         except psutil.Error:
             break
         remembered = {pid: p for pid, p in remembered.items() if p.is_running()}
-    deadline = time.monotonic() + GRACE_S
-    alive = list(remembered.values())
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.1)
-        alive = [p for p in alive if _running(p)]
     killed = 0
-    for proc in alive:
+    for proc in survivors(list(remembered.values()), GRACE_S):
         try:
             if proc.is_running():  # the same process (psutil compares start times), not a reused pid
                 proc.kill()
@@ -69,6 +64,16 @@ def watch(driver_pid: int, ray_dir: str, stdin_fd: int = 0) -> int:
         except psutil.Error:
             pass
     return killed
+
+
+def survivors(procs: list[psutil.Process], within: float, poll_s: float = 0.1) -> list[psutil.Process]:
+    """The processes of `procs` still running (not zombies) after waiting up to `within` seconds for them."""
+    deadline = time.monotonic() + within
+    alive = list(procs)
+    while alive and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        alive = [p for p in alive if _running(p)]
+    return alive
 
 
 def _running(proc: psutil.Process) -> bool:

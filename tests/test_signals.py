@@ -22,6 +22,7 @@ from raypfl.checkpoint import FILENAME, load_checkpoint
 from raypfl.experiment import run_experiment
 from raypfl.interrupts import RunInterrupted
 from raypfl.tracking import RunTracker
+from raypfl.watchdog import survivors
 from tests.conftest import REPO, SMALL_RUN, make_config
 
 B = SMALL_RUN
@@ -110,26 +111,14 @@ class Run:
 
 def outlivers(procs: list[psutil.Process], within: float) -> list[str]:
     """The processes of `procs` still running `within` seconds from now (killed then: they are ours)."""
-    deadline = time.monotonic() + within
-    alive = list(procs)
-    while alive and time.monotonic() < deadline:
-        time.sleep(0.2)
-        alive = [p for p in alive if _running(p)]
     left = []
-    for proc in alive:
+    for proc in survivors(procs, within, poll_s=0.2):
         try:
             left.append(" ".join(proc.cmdline())[:120] or proc.name())
             proc.kill()
         except psutil.Error:
             pass
     return left
-
-
-def _running(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
 
 
 def assert_one_line(stderr: str, signame: str) -> str:
