@@ -1,4 +1,9 @@
-"""Linear aggregation: clients' weighted updates summed into partials, partials merged at the server."""
+"""Linear aggregation of named statistics: clients' weighted statistics summed into partials, partials merged.
+
+A client sends named statistics (`model` for its model update, and whatever its algorithm adds, e.g.
+SCAFFOLD's `control`), each with its own weight. A worker sums its clients into ONE partial per round
+(`Aggregate.add`); the server merges the partials (`Aggregate.merge`) and asks for weighted means.
+"""
 
 from __future__ import annotations
 
@@ -9,52 +14,91 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+#: Named arrays: a broadcast, a client's statistics, a server state.
+Arrays = dict[str, np.ndarray]
+
+#: The name of the global model in a broadcast, and of a client's model update in its statistics.
+MODEL = "model"
+
 
 @dataclass
 class ClientUpdate:
-    """What one client sends: a flat update vector, its aggregation weight and its metrics."""
+    """What one client sends: named statistics, the weight of each, and its metrics."""
 
     client: int
-    vector: np.ndarray
-    weight: float
+    statistics: Arrays
+    weights: dict[str, float]
     metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if set(self.statistics) != set(self.weights):
+            raise ValueError(
+                f"client {self.client}: statistics {sorted(self.statistics)} and weights "
+                f"{sorted(self.weights)} must name the same things"
+            )
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this update moves to the server."""
+        return sum(int(v.nbytes) for v in self.statistics.values())
+
+    def finite(self) -> bool:
+        """True if every statistic and weight is finite."""
+        return all(np.isfinite(w) for w in self.weights.values()) and all(
+            np.isfinite(v).all() for v in self.statistics.values()
+        )
 
 
 @dataclass
 class Aggregate:
-    """A weighted sum of client updates (float64), with the total weight and who is in it.
+    """Weighted sums (float64) of named statistics, each with its total weight, and who is in them.
 
     Workers send ONE Aggregate per round (their partial sum); the server merges them.
     Non-finite updates are rejected and recorded, never summed.
     """
 
-    total: np.ndarray | None = None
-    weight: float = 0.0
+    totals: Arrays = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
     clients: list[int] = field(default_factory=list)
     rejected: list[int] = field(default_factory=list)
 
     def add(self, update: ClientUpdate) -> bool:
-        """Add `weight * vector`; returns False (and logs) if the update is not finite."""
-        if not np.isfinite(update.vector).all() or not np.isfinite(update.weight):
+        """Add `weight * statistic` for each statistic; False (and a log line) if the update is not finite."""
+        if not update.finite():
             log.warning("rejected client %d: its update contains NaN/Inf", update.client)
             self.rejected.append(update.client)
             return False
-        scaled = update.vector.astype(np.float64) * update.weight
-        self.total = scaled if self.total is None else self.total + scaled
-        self.weight += update.weight
+        for name, vector in update.statistics.items():
+            weight = update.weights[name]
+            scaled = vector.astype(np.float64) * weight
+            self.totals[name] = scaled if name not in self.totals else self.totals[name] + scaled
+            self.weights[name] = self.weights.get(name, 0.0) + weight
         self.clients.append(update.client)
         return True
 
     def merge(self, other: Aggregate) -> None:
         """Fold another partial into this one."""
-        if other.total is not None:
-            self.total = other.total.copy() if self.total is None else self.total + other.total
-        self.weight += other.weight
+        for name, total in other.totals.items():
+            self.totals[name] = total.copy() if name not in self.totals else self.totals[name] + total
+        for name, weight in other.weights.items():
+            self.weights[name] = self.weights.get(name, 0.0) + weight
         self.clients.extend(other.clients)
         self.rejected.extend(other.rejected)
 
-    def mean(self) -> np.ndarray:
-        """The weighted mean update; raises if nothing was aggregated."""
-        if self.total is None or self.weight <= 0:
-            raise ValueError("no client update was aggregated this round")
-        return self.total / self.weight
+    @property
+    def has_weight(self) -> bool:
+        """True if some statistic was summed with a positive total weight."""
+        return any(w > 0 for w in self.weights.values())
+
+    def mean(self, name: str = MODEL) -> np.ndarray:
+        """The weighted mean of statistic `name`; raises if nothing of it was aggregated."""
+        total = self.totals.get(name)
+        if total is None or self.weights.get(name, 0.0) <= 0:
+            raise ValueError(f"no client statistic {name!r} was aggregated this round")
+        return total / self.weights[name]
+
+    def sum(self, name: str) -> np.ndarray:
+        """The weighted sum of statistic `name` (zeros-free: raises if none was aggregated)."""
+        if name not in self.totals:
+            raise ValueError(f"no client statistic {name!r} was aggregated this round")
+        return self.totals[name]

@@ -237,15 +237,6 @@ class PartitionSpec:
 
 
 @dataclass(frozen=True)
-class AlgorithmSpec:
-    """`algorithm.*` (conf/algorithm/fedavg.yaml)."""
-
-    name: str = "fedavg"
-    weighting: str = knob("samples", choices=WEIGHTINGS)
-    server_lr: float = knob(1.0, gt=0)
-
-
-@dataclass(frozen=True)
 class LoggerSpec:
     """`logger.*` (conf/logger/*.yaml)."""
 
@@ -414,7 +405,7 @@ def validate(cfg: DictConfig) -> None:
 
     First every key's type and range (each group's spec), then the rules that tie keys together.
     """
-    from raypfl.algorithms import ALGORITHMS
+    from raypfl.algorithms import build_algorithm
     from raypfl.data.datasets import DATASETS
     from raypfl.data.partitions import PARTITIONERS
     from raypfl.models import MODELS
@@ -440,8 +431,8 @@ def validate(cfg: DictConfig) -> None:
     clients = clients_spec(cfg)
     optim_spec(cfg)
     train = train_spec(cfg)
-    algo = _spec(AlgorithmSpec, cfg.algorithm, "algorithm")
-    _require(algo.name in ALGORITHMS, f"unknown algorithm={algo.name} (choose from: {', '.join(ALGORITHMS)})")
+    if paradigm_of(cfg) == FEDERATED:  # its own knobs, checked against the algorithm class's fields
+        build_algorithm(cfg)
     _spec(ReportSpec, cfg.get("report") or {}, "report")
     runtime = runtime_spec(cfg)
     faults = faults_spec(cfg)

@@ -7,7 +7,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from raypfl import interrupts, seeding
-from raypfl.algorithms import build_algorithm
+from raypfl.aggregate import MODEL
+from raypfl.algorithms import ServerSnapshot, build_algorithm
 from raypfl.checkpoint import (
     FILENAME,
     check_compatible,
@@ -42,7 +43,7 @@ from raypfl.models import build_model
 from raypfl.paradigms.spec import FEDERATED, paradigm_of
 from raypfl.planning import RoundPlanner
 from raypfl.runtime import Runtime, build_runtime
-from raypfl.runtime.base import Evaluation, RoundPlan, RoundResult
+from raypfl.runtime.base import ANSWERED, Evaluation, RoundPlan, RoundResult
 from raypfl.runtime.setup import FederationSetup
 from raypfl.tracking import RunTracker
 from raypfl.vectorized import check_vectorizable
@@ -59,6 +60,8 @@ class RunResult:
     rounds: list[dict]
     out_dir: Path
     train_samples: int = 0  # size of the training set (0 for generated data)
+    server: ServerSnapshot | None = None  # the final broadcast and server state
+    client_states: dict = field(default_factory=dict)  # the driver's copy of each client's state (not MPI)
 
     @property
     def final_accuracy(self) -> float:
@@ -83,6 +86,12 @@ def initial_weights(model_name: str, dataset: Dataset, seed: int) -> np.ndarray:
     """The round-0 global model, initialised from the root seed."""
     torch.manual_seed(seeding.derive_seed(seed, seeding.INIT))
     return get_flat(build_model(model_name, dataset.in_shape, dataset.num_classes))
+
+
+def initial_snapshot(setup: FederationSetup, model_name: str, seed: int) -> ServerSnapshot:
+    """Version 0: the algorithm's first broadcast and server state, from the seeded initial model."""
+    broadcast, state = setup.algorithm.server_init(initial_weights(model_name, setup.dataset, seed))
+    return ServerSnapshot(0, broadcast, state)
 
 
 def load_data(cfg: DictConfig) -> Dataset:
@@ -112,9 +121,15 @@ def build_setup(cfg: DictConfig, dataset: Dataset) -> FederationSetup:
         speed = np.maximum(1.0, factors)
     algorithm = build_algorithm(cfg)
     if runtime_spec(cfg).vectorize:
-        if not hasattr(algorithm, "client_updates"):
+        if not algorithm.lockstep:
             raise ConfigError(
                 f"runtime.vectorize=true: algorithm={cfg.algorithm.name} has no lock-step client half"
+            )
+        if algorithm.stateful_clients:
+            raise ConfigError(
+                f"runtime.vectorize=true: algorithm={cfg.algorithm.name} keeps per-client state across "
+                "rounds "
+                "(e.g. optim.persistent_state=true), which lock-step clients do not"
             )
         check_vectorizable(
             build_model(cfg.model.name, dataset.in_shape, dataset.num_classes), optim_spec(cfg)
@@ -154,18 +169,25 @@ def run_experiment(
         return run_paradigm(cfg, out_dir, build_sinks(cfg, out_dir, group, name), started)
     train = train_spec(cfg)
     faults = faults_spec(cfg)
+    if cfg.get("resume") and cfg.runtime.name == "mpi" and build_algorithm(cfg).stateful_clients:
+        raise ConfigError(
+            f"resume={cfg.resume}: MPI ranks keep their clients' state themselves "
+            f"(algorithm={cfg.algorithm.name}), so a checkpoint cannot restore it; resume with "
+            "runtime=ray or runtime=sequential"
+        )
     resumed = _load_resume(cfg, train)
     runtime = build_runtime(runtime_spec(cfg))
     dataset = load_data(cfg)
     setup = build_setup(cfg, dataset)
     if resumed is None:
-        weights, version, first_round = initial_weights(cfg.model.name, dataset, cfg.seed), 0, 1
+        initial, first_round = initial_snapshot(setup, cfg.model.name, cfg.seed), 1
     else:
-        weights, version, first_round = resumed["weights"], resumed["version"], resumed["round"] + 1
+        initial, first_round = resumed_snapshot(resumed, setup), resumed["round"] + 1
+    broadcast_bytes = sum(int(a.nbytes) for a in initial.broadcast.values())
     torch.set_num_threads(setup.torch_threads)
     if not runtime.is_driver:  # an MPI rank other than 0: follow rank 0, write nothing
         try:
-            runtime.start(setup, weights, version)
+            runtime.start(setup, initial)
             runtime.serve()
         finally:
             runtime.close()
@@ -186,7 +208,7 @@ def run_experiment(
     )
     saved = 0  # the last round checkpointed in out_dir
     try:
-        runtime.start(setup, weights, version)
+        runtime.start(setup, initial)
         planner = RoundPlanner(clients_spec(cfg), faults, cfg.seed, runtime.parallelism)
         if resumed is not None:
             planner.load_state_dict(resumed["planner"])
@@ -217,10 +239,11 @@ def run_experiment(
             plan = planner.plan(round_idx)
             evaluate = round_idx % train.eval_every == 0 or round_idx == train.rounds
             # the previous round settles (evaluation in, row logged) once this round's clients are training
-            pending = start_round(runtime, plan, evaluate, weights.nbytes, on_submitted=settle)
+            pending = start_round(runtime, plan, evaluate, broadcast_bytes, on_submitted=settle)
             planner.observe(round_idx, pending.result)
         settle()
-        weights = runtime.global_weights()
+        final = runtime.server_snapshot()
+        weights = final.model
         model_path = out_dir / "model.pt"
         save_model(model_path, cfg.model.name, dataset, weights)  # before closing: an interrupt keeps it
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: if the last round was done, its model is written anyway
@@ -241,7 +264,7 @@ def run_experiment(
         tracker.wall_s(),
         out_dir,
     )
-    return RunResult(weights, tracker.rows, out_dir, len(dataset.train_y))
+    return RunResult(weights, tracker.rows, out_dir, len(dataset.train_y), final, dict(planner.client_states))
 
 
 def _load_resume(cfg: DictConfig, train: TrainSpec) -> dict | None:
@@ -249,12 +272,6 @@ def _load_resume(cfg: DictConfig, train: TrainSpec) -> dict | None:
     location = cfg.get("resume")
     if not location:
         return None
-    if cfg.runtime.name == "mpi" and cfg.optim.persistent_state:
-        raise ConfigError(
-            f"resume={location}: MPI ranks keep their clients' optimizer state themselves, so a "
-            "checkpoint cannot restore it; resume with runtime=ray or runtime=sequential, "
-            "or optim.persistent_state=false"
-        )
     state = load_checkpoint(location)
     check_compatible(state["fingerprint"], fingerprint(OmegaConf.to_container(cfg, resolve=True)), location)
     model_missing = not (checkpoint_path(location).parent / "model.pt").exists()
@@ -268,14 +285,33 @@ def _load_resume(cfg: DictConfig, train: TrainSpec) -> dict | None:
     return state
 
 
+def checkpoint_model(state: dict) -> np.ndarray:
+    """The global model in a loaded checkpoint (one written before named broadcasts holds `weights`)."""
+    return state["broadcast"][MODEL] if "broadcast" in state else state["weights"]
+
+
+def resumed_snapshot(state: dict, setup: FederationSetup) -> ServerSnapshot:
+    """The server's side of a checkpoint: broadcast and server state as they were saved.
+
+    A checkpoint written before named broadcasts (FedAvg, the only algorithm then) holds only the model;
+    FedAvg's broadcast and (empty) server state are rebuilt from it exactly.
+    """
+    if "broadcast" in state:
+        return ServerSnapshot(state["version"], dict(state["broadcast"]), dict(state["server_state"]))
+    broadcast, server_state = setup.algorithm.server_init(state["weights"])
+    return ServerSnapshot(state["version"], broadcast, server_state)
+
+
 def _checkpoint(
     path: Path, cfg: DictConfig, round_idx: int, runtime: Runtime, planner: RoundPlanner, tracker: RunTracker
 ) -> None:
     """Everything a resumed run needs, after round `round_idx`."""
+    snapshot = runtime.server_snapshot()
     state = {
         "round": round_idx,
-        "version": runtime.version,
-        "weights": runtime.global_weights(),
+        "version": snapshot.version,
+        "broadcast": snapshot.broadcast,  # the global model and what else the algorithm broadcasts
+        "server_state": snapshot.state,  # e.g. FedAdam's moments
         "planner": planner.state_dict(),
         "rows": tracker.rows,
         "client_rows": tracker.client_rows,
@@ -318,7 +354,7 @@ class PendingRound:
     started: float
     trained: float
     evaluation: Callable[[], Evaluation] | None
-    model_bytes: int
+    broadcast_bytes: int
 
     def finish(self) -> tuple[dict, RoundResult, float]:
         """Wait for the evaluation; return the round's metrics row, its result and when it ended (epoch s)."""
@@ -332,7 +368,7 @@ def start_round(
     runtime: Runtime,
     plan: RoundPlan,
     evaluate: bool,
-    model_bytes: int,
+    broadcast_bytes: int,
     on_submitted: Callable[[], None] | None = None,
 ) -> PendingRound:
     """Run one round's training and start its evaluation (on runtimes that can, without waiting for it).
@@ -352,7 +388,7 @@ def start_round(
         else:
             done = runtime.evaluate()
             evaluation = lambda: done  # noqa: E731
-    return PendingRound(plan, result, start, trained, evaluation, model_bytes)
+    return PendingRound(plan, result, start, trained, evaluation, broadcast_bytes)
 
 
 def round_row(pending: PendingRound, evaluation: Evaluation | None, done: float) -> dict:
@@ -381,9 +417,11 @@ def round_row(pending: PendingRound, evaluation: Evaluation | None, done: float)
         "comm_s": round(max(0.0, train_s - result.compute_s - result.aggregate_s), 4),
         "aggregate_s": round(result.aggregate_s, 4),
         "eval_s": round(done - pending.trained, 4),
-        # what FedAvg moves: the global model to each client, one update back from each
-        "bytes_down": pending.model_bytes * len(plan.cohort),
-        "bytes_up": pending.model_bytes * (len(accepted) + len(result.rejected)),
+        # the broadcast to each client of the cohort; the statistics of each client that answered
+        "bytes_down": pending.broadcast_bytes * len(plan.cohort),
+        "bytes_up": sum(
+            int(m.get("bytes_up") or 0) for m in result.client_metrics if m["status"] in ANSWERED
+        ),
     }
 
 
@@ -444,7 +482,7 @@ def _keep_final_model(
             state = load_checkpoint(out_dir)
             if state["round"] != rounds:
                 return
-            weights = state["weights"]
+            weights = checkpoint_model(state)
         save_model(path, cfg.model.name, dataset, weights)
     except Exception as exc:  # never hide the interrupt
         log.warning("interrupted after the last round; model.pt not written (%s)", exc)

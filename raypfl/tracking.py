@@ -52,6 +52,7 @@ CLIENT_COLUMNS = [
     "attempts",
     "seconds",  # the client's own training (+ straggler sleep) time
     "rtt_s",  # weights sent -> update received, as the driver saw it
+    "bytes_up",  # the size of the statistics the client sent
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,8 +58,13 @@ def train_local(
     indices: np.ndarray,
     spec: TrainSpec,
     generator: torch.Generator,
+    adjust: Callable[[], None] | None = None,
 ) -> TrainResult:
-    """Minimise cross-entropy on `x[indices]` in place; dropout is on (train mode)."""
+    """Minimise cross-entropy on `x[indices]` in place; dropout is on (train mode).
+
+    `adjust` (if given) runs after each backward pass, before the optimizer step: an algorithm's change
+    to the gradients (FedProx's proximal term, SCAFFOLD's control-variate correction).
+    """
     model.train()
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -71,6 +77,8 @@ def train_local(
         logits = model(xb)
         loss = F.cross_entropy(logits, yb)
         loss.backward()
+        if adjust is not None:
+            adjust()
         optimizer.step()
         loss_sum += loss.detach() * len(batch)
         correct += int((logits.detach().argmax(1) == yb).sum())

@@ -44,8 +44,6 @@ def check_vectorizable(model: nn.Module, optim: OptimSpec) -> None:
     """Raise ConfigError if `runtime.vectorize=true` cannot train this model with this optimizer."""
     if optim.name != "sgd":
         raise ConfigError(f"runtime.vectorize=true supports optim.name=sgd only (got {optim.name})")
-    if optim.persistent_state:
-        raise ConfigError("runtime.vectorize=true does not keep per-client optimizer state across rounds")
     if any(True for _ in model.buffers()):
         raise ConfigError("runtime.vectorize=true needs a model without buffers (e.g. no BatchNorm)")
     if any(isinstance(m, nn.modules.dropout._DropoutNd) for m in model.modules()):
@@ -68,10 +66,17 @@ def _source(jobs: list[ClientJob]) -> tuple[torch.Tensor, torch.Tensor, list[int
 
 
 def train_lockstep(
-    model: nn.Module, global_weights: dict[str, torch.Tensor], jobs: list[ClientJob], optim: OptimSpec
+    model: nn.Module,
+    global_weights: dict[str, torch.Tensor],
+    jobs: list[ClientJob],
+    optim: OptimSpec,
+    proximal_mu: float = 0.0,
 ) -> tuple[dict[str, torch.Tensor], list[TrainResult]]:
     """Train every job's client from `global_weights` (name -> tensor); return stacked final parameters
-    (name -> tensor with a leading client axis) and each client's TrainResult."""
+    (name -> tensor with a leading client axis) and each client's TrainResult.
+
+    `proximal_mu` > 0 adds FedProx's `mu * (w - w_global)` to every gradient (as the plain path's
+    `adjust` does), before weight decay."""
     n = len(jobs)
     plans, steps = _schedule(jobs)
     x, y, offsets = _source(jobs)
@@ -80,7 +85,9 @@ def train_lockstep(
     momentum = {k: torch.zeros_like(v) for k, v in params.items()} if optim.momentum else None
     names = list(params)
     device, dtype = next(iter(params.values())).device, next(iter(params.values())).dtype
-    stack = linear_stack(model) if not optim.momentum and not optim.weight_decay else None
+    plain_sgd = not optim.momentum and not optim.weight_decay and not proximal_mu
+    stack = linear_stack(model) if plain_sgd else None
+    anchor = {k: v.detach() for k, v in global_weights.items()} if proximal_mu else None
     forward = vmap(lambda p, xb: functional_call(model, p, (xb,)))
 
     loss_sum = torch.zeros(n, dtype=torch.float64)
@@ -110,7 +117,10 @@ def train_lockstep(
             per_client = losses.mean(1) if full else (losses * mask).sum(1) / counts.clamp(min=1)
             grads = torch.autograd.grad(per_client.sum(), leaves)
             with torch.no_grad():
-                _sgd_step(params, momentum, dict(zip(names, grads)), active, full, step, optim)
+                grads = dict(zip(names, grads))
+                if anchor is not None:
+                    grads = {k: g.add(params[k] - anchor[k], alpha=proximal_mu) for k, g in grads.items()}
+                _sgd_step(params, momentum, grads, active, full, step, optim)
         with torch.no_grad():
             hits = (logits.argmax(-1) == targets).float() * mask
             loss_sum += (per_client.detach() * counts).double().cpu()

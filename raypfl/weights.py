@@ -48,3 +48,23 @@ def set_flat(model: nn.Module, flat: np.ndarray | torch.Tensor) -> None:
             offset += n
     if offset != vec.numel():
         raise ValueError(f"weight vector has {vec.numel()} values, model needs {offset}")
+
+
+def parameter_views(model: nn.Module, flat: torch.Tensor) -> list[torch.Tensor]:
+    """Views of `flat` (laid out as `get_flat` lays out `model`) shaped as `model.parameters()`, in order.
+
+    Buffers (e.g. BatchNorm statistics) have a place in the flat vector but no gradient: they are skipped.
+    """
+    offsets: dict[str, tuple[int, torch.Size]] = {}
+    offset = 0
+    for name, t in model.state_dict(keep_vars=True).items():
+        if t.is_floating_point():
+            offsets[name] = (offset, t.shape)
+            offset += t.numel()
+    if offset != flat.numel():
+        raise ValueError(f"vector has {flat.numel()} values, model needs {offset}")
+    views = []
+    for name, _ in model.named_parameters():
+        start, shape = offsets[name]
+        views.append(flat[start : start + shape.numel()].view(shape))
+    return views

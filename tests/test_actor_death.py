@@ -64,29 +64,33 @@ def calm(data_root, tmp_path_factory):
     return run
 
 
+def total_update(broadcast: dict, state: dict, agg: Aggregate) -> tuple[dict, dict]:
+    return {"model": agg.totals["model"].astype(np.float32)}, state
+
+
 def test_slotted_pushes_merge_in_slot_order_whatever_the_arrival_order():
     """Three partials whose float64 sum depends on the order: a re-sent (late) slot lands in its place."""
     values = [1e16, 1.0, -1e16]  # (1e16 + 1) - 1e16 == 0, but (1e16 - 1e16) + 1 == 1
 
     def partial(slot: int) -> Aggregate:
         part = Aggregate()
-        part.total, part.weight, part.clients = np.array([values[slot]]), 1.0, [slot]
+        part.totals, part.weights, part.clients = {"model": np.array([values[slot]])}, {"model": 1.0}, [slot]
         return part
 
     def published(order: list[int]) -> float:
-        server = ParameterServer(np.zeros(1, np.float32), lambda w, agg: agg.total.astype(np.float32))
+        server = ParameterServer({"model": np.zeros(1, np.float32)}, total_update)
         server.expect(0, 3)
         assert [server.push(0, partial(slot), slot) for slot in order] == [False, False, True]
         assert server.round_summary()["clients"] == [0, 1, 2]
-        return float(server.pull(1)[0])
+        return float(server.pull(1)["model"][0])
 
     assert published([0, 1, 2]) == published([0, 2, 1]) == published([2, 1, 0]) == 0.0
     # unslotted pushes merge in arrival order: the late partial would have changed the sum
-    server = ParameterServer(np.zeros(1, np.float32), lambda w, agg: agg.total.astype(np.float32))
+    server = ParameterServer({"model": np.zeros(1, np.float32)}, total_update)
     server.expect(0, 3)
     for slot in (0, 2, 1):
         server.push(0, partial(slot))
-    assert float(server.pull(1)[0]) == 1.0
+    assert float(server.pull(1)["model"][0]) == 1.0
 
 
 def sigkill_during(monkeypatch, round_idx: int, target: int | str, before_settle: bool = False) -> list[int]:

@@ -163,7 +163,7 @@ def test_resume_refuses_a_different_experiment(tmp_path):
     with pytest.raises(ConfigError, match="train.rounds=1 leaves nothing to do"):
         run_experiment(make_config(*SEQ, "train.rounds=1", f"resume={tmp_path}"), tmp_path / "d")
     stateful_mpi = ["runtime=mpi", "optim.persistent_state=true", f"resume={tmp_path}"]
-    with pytest.raises(ConfigError, match="MPI ranks keep their clients' optimizer state"):
+    with pytest.raises(ConfigError, match="MPI ranks keep their clients' state"):
         run_experiment(make_config(*SEQ, *stateful_mpi), tmp_path / "e")
 
 

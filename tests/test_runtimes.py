@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from raypfl.config import RuntimeSpec
-from raypfl.experiment import build_setup, initial_weights, load_data, run_experiment
+from raypfl.experiment import build_setup, initial_snapshot, load_data, run_experiment
 from raypfl.runtime.base import RoundPlan
 from raypfl.runtime.ray_runtime import RayRuntime
 from tests.conftest import TINY, make_config
@@ -77,14 +77,14 @@ def test_actors_return_one_partial_and_client_states(ray_session, data_root):
     cfg = make_config(*TINY, "optim.persistent_state=true", "optim.momentum=0.9")
     setup = build_setup(cfg, load_data(cfg))
     runtime = RayRuntime(RuntimeSpec(num_actors=2))
-    runtime.start(setup, initial_weights(cfg.model.name, setup.dataset, cfg.seed))
+    runtime.start(setup, initial_snapshot(setup, cfg.model.name, cfg.seed))
     try:
         weights_ref = runtime.server.pull.remote(0)
         partial, metrics, states = ray_session.get(
             runtime.actors[0].train_cohort.options(num_returns=3).remote(weights_ref, 1, [0, 2, 4], None, {})
         )
         assert partial.clients == [0, 2, 4] and len(metrics) == 3  # one object for three clients
-        assert partial.weight == sum(setup.partition.size(c) for c in (0, 2, 4))
+        assert partial.weights["model"] == sum(setup.partition.size(c) for c in (0, 2, 4))
         assert sorted(states) == [0, 2, 4]  # the driver keeps client state (it survives actor deaths)
         assert all(m["status"] == "ok" for m in metrics)
         result = runtime.run_round(RoundPlan(2, [0, 1, 2, 3], states={0: states[0], 2: states[2]}))

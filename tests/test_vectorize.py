@@ -179,7 +179,7 @@ def test_a_client_without_batches_at_a_step_is_left_alone():
     "overrides, message",
     [
         (["optim.name=adam"], "optim.name=sgd"),
-        (["optim.persistent_state=true"], "optimizer state"),
+        (["optim.persistent_state=true"], "per-client state"),
         (["faults.drop_prob=0.1"], "lock-step"),
     ],
 )

@@ -9,7 +9,7 @@ import pytest
 from conftest import TINY, make_config
 
 from raypfl.config import clients_spec, faults_spec
-from raypfl.experiment import build_setup, initial_weights, load_data
+from raypfl.experiment import build_setup, initial_snapshot, load_data
 from raypfl.planning import RoundPlanner
 from raypfl.runtime.sequential import SequentialRuntime
 from raypfl.runtime.warm import WarmStart
@@ -27,9 +27,9 @@ class SlowPool(SequentialRuntime):
     def expected_parallelism(self) -> int:
         return 2
 
-    def launch(self, setup, weights, version=0):
+    def launch(self, setup, initial):
         self.launched_in = threading.current_thread().name
-        self._args = (setup, weights, version)
+        self._args = (setup, initial)
 
     def ready(self) -> bool:
         return self.release.is_set()
@@ -37,8 +37,8 @@ class SlowPool(SequentialRuntime):
     def wait_ready(self) -> None:
         super().start(*self._args)
 
-    def take_over(self, weights, version):
-        self.server.reset(weights, version)
+    def take_over(self, snapshot):
+        self.server.reset(snapshot.broadcast, snapshot.version, snapshot.state)
 
     def run_round(self, plan, on_submitted=None):
         self.rounds.append(plan.round_idx)
@@ -57,7 +57,7 @@ def _rounds(runtime, cfg, n, release_after=None):
 def test_driver_trains_until_the_pool_is_ready_then_hands_over(data_root):
     cfg = make_config(*TINY, "runtime=sequential", "train.rounds=4")
     setup = build_setup(cfg, load_data(cfg))
-    weights = initial_weights(cfg.model.name, setup.dataset, cfg.seed)
+    weights = initial_snapshot(setup, cfg.model.name, cfg.seed)
     reference = SequentialRuntime()
     reference.start(setup, weights)
     expected = _rounds(reference, cfg, 4)
@@ -75,13 +75,13 @@ def test_driver_trains_until_the_pool_is_ready_then_hands_over(data_root):
 
 def test_a_pool_that_fails_to_start_is_reported(data_root):
     class BrokenPool(SlowPool):
-        def launch(self, setup, weights, version=0):
+        def launch(self, setup, initial):
             raise OSError("no Ray here")
 
     cfg = make_config(*TINY, "runtime=sequential")
     setup = build_setup(cfg, load_data(cfg))
     warm = WarmStart(BrokenPool())
-    warm.start(setup, initial_weights(cfg.model.name, setup.dataset, cfg.seed))
+    warm.start(setup, initial_snapshot(setup, cfg.model.name, cfg.seed))
     planner = RoundPlanner(clients_spec(cfg), faults_spec(cfg), cfg.seed, 1)
     with pytest.raises(OSError, match="no Ray here"):
         warm.run_round(planner.plan(1))
@@ -91,7 +91,7 @@ def test_round_one_is_evaluated_while_ray_starts(data_root):
     """Round 1's evaluation happens beside the launch; the driver later collects it, timestamped."""
     cfg = make_config(*TINY, "runtime=sequential")
     setup = build_setup(cfg, load_data(cfg))
-    weights = initial_weights(cfg.model.name, setup.dataset, cfg.seed)
+    weights = initial_snapshot(setup, cfg.model.name, cfg.seed)
     reference = SequentialRuntime()
     reference.start(setup, weights)
     planner = RoundPlanner(clients_spec(cfg), faults_spec(cfg), cfg.seed, 1)

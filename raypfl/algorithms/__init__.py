@@ -1,26 +1,103 @@
-"""Algorithms, each owning its client and server halves. `build_algorithm` makes one from the config."""
+"""Algorithms, each owning its client and server halves in one file. `build_algorithm` makes one from the
+config: a shipped short name (`algorithm=fedadam`) or a class of the user's own (`algorithm._target_`)."""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from dataclasses import fields, is_dataclass
+from typing import Any
 
-from raypfl.algorithms.base import Algorithm, ClientContext
+from omegaconf import DictConfig, OmegaConf
+
+from raypfl.algorithms.base import Algorithm, ClientContext, ServerSnapshot, Setting, missing_halves
 from raypfl.algorithms.fedavg import FedAvg
-from raypfl.config import optim_spec, train_spec
+from raypfl.algorithms.fedavgm import FedAvgM
+from raypfl.algorithms.fedopt import FedAdagrad, FedAdam, FedYogi
+from raypfl.algorithms.fedprox import FedProx
+from raypfl.algorithms.scaffold import Scaffold
 from raypfl.errors import ConfigError
 
-ALGORITHMS = {"fedavg": FedAvg}
+ALGORITHMS: dict[str, type[Algorithm]] = {
+    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedProx, Scaffold)
+}
+#: Keys of `algorithm.*` that are not knobs: the short name (a label for a `_target_`) and the target.
+RESERVED = ("name", "_target_")
 
-__all__ = ["ALGORITHMS", "Algorithm", "ClientContext", "FedAvg", "build_algorithm"]
+__all__ = [
+    "ALGORITHMS",
+    "Algorithm",
+    "ClientContext",
+    "ServerSnapshot",
+    "Setting",
+    "algorithm_class",
+    "build_algorithm",
+]
+
+
+def algorithm_class(node: Any) -> type[Algorithm]:
+    """The class `algorithm.*` names (`_target_` wins over `name`); ConfigError naming the key if there is
+    none, it cannot be imported, it is not an Algorithm, or it lacks a half."""
+    target = node.get("_target_")
+    if target:
+        from hydra.utils import get_class
+
+        try:
+            cls = get_class(str(target))
+        except Exception as exc:  # hydra wraps import errors; its message says what failed
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"algorithm._target_={target}: cannot import it ({reason})") from None
+        where = f"algorithm._target_={target}"
+    else:
+        name = node.get("name")
+        if name not in ALGORITHMS:
+            raise ConfigError(f"unknown algorithm={name} (choose from: {', '.join(ALGORITHMS)})")
+        cls, where = ALGORITHMS[name], f"algorithm={name}"
+    if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
+        raise ConfigError(f"{where} is not a raypfl.algorithms.Algorithm subclass")
+    missing = missing_halves(cls)
+    if missing:
+        raise ConfigError(
+            f"{where} does not implement {' and '.join(missing)} (an algorithm owns both halves)"
+        )
+    return cls
+
+
+def knobs(cls: type[Algorithm]) -> list[str]:
+    """The config keys an algorithm class takes (its init fields)."""
+    if is_dataclass(cls):
+        return [f.name for f in fields(cls) if f.init]
+    return []
+
+
+def algorithm_knobs(cls: type[Algorithm], node: Any) -> dict[str, Any]:
+    """`algorithm.*` minus name/_target_, each checked against the class's field type and knob range."""
+    from raypfl.config import check_value
+
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    data = {k: v for k, v in data.items() if k not in RESERVED}
+    allowed = knobs(cls)
+    label = node.get("_target_") or node.get("name")
+    for key in data:
+        if key not in allowed:
+            raise ConfigError(
+                f"unknown key algorithm.{key} for algorithm={label} "
+                f"(its knobs: {', '.join(allowed) or 'none'})"
+            )
+    for key in allowed:
+        if key in data:
+            check_value(cls, key, data[key], f"algorithm.{key}")
+    return data
 
 
 def build_algorithm(cfg: DictConfig) -> Algorithm:
-    """The algorithm named by `algorithm.name`, built from `algorithm.*`, `optim.*` and `train.*`."""
-    params = {k: v for k, v in cfg.algorithm.items() if k != "name"}
+    """The algorithm of `algorithm.*`, with its knobs checked, bound to the run's optimizer and work."""
+    from raypfl.config import clients_spec, optim_spec, train_spec
+
+    cls = algorithm_class(cfg.algorithm)
     try:
-        cls = ALGORITHMS[cfg.algorithm.name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown algorithm={cfg.algorithm.name} (choose from: {', '.join(ALGORITHMS)})"
-        ) from None
-    return cls(optim_spec(cfg), train_spec(cfg), **params)
+        algorithm = cls(**algorithm_knobs(cls, cfg.algorithm))
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"algorithm={cfg.algorithm.get('name')}: building it failed ({exc})") from None
+    clients = clients_spec(cfg)
+    return algorithm.bind(Setting(optim_spec(cfg), train_spec(cfg), clients.num, clients.per_round))

@@ -1,37 +1,50 @@
-"""FedAvg (McMahan et al., 2017): local SGD on each client, weighted average of the updates at the server."""
+"""FedAvg (McMahan et al., 2017, "Communication-Efficient Learning of Deep Networks from Decentralized
+Data", Algorithm 1): local SGD on each client, the weighted mean of the updates applied at the server."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from raypfl.aggregate import Aggregate, ClientUpdate
-from raypfl.algorithms.base import ClientContext
-from raypfl.config import OptimSpec, TrainSpec
+from raypfl.aggregate import MODEL, Aggregate, Arrays, ClientUpdate
+from raypfl.algorithms.base import Algorithm, ClientContext
+from raypfl.config import WEIGHTINGS, knob
 
 # The client half imports torch where it runs (inside its methods): the server half is unpickled in the
 # parameter-server actor, which then stays a small numpy-only process.
 
 
-class FedAvg:
-    """Clients send `local - global`; the server moves `server_lr` of the way to the weighted mean.
+@dataclass
+class FedAvg(Algorithm):
+    """Clients send `local - global` (statistic `model`); the server moves `server_lr` of the way to the
+    weighted mean.
 
-    `weighting="samples"` weights a client by its number of training samples, `"uniform"` equally.
-    With `optim.persistent_state=true` a client's optimizer state (e.g. momentum) survives across rounds.
+    `weighting="samples"` weights a client by its number of training samples (the paper's n_k / n),
+    `"uniform"` equally. With `optim.persistent_state=true` a client's optimizer state (e.g. momentum)
+    survives across rounds. Subclasses reuse the client half and change the server step (FedAvgM, FedOpt)
+    or the local objective (`proximal_mu`, FedProx).
     """
 
-    def __init__(
-        self, optim: OptimSpec, train: TrainSpec, weighting: str = "samples", server_lr: float = 1.0
-    ):
-        self.optim = optim
-        self.train = train
-        self.weighting = weighting
-        self.server_lr = server_lr
-        self.stateful_clients = optim.persistent_state
+    name = "fedavg"
+    weighting: str = knob("samples", choices=WEIGHTINGS)
+    server_lr: float = knob(1.0, gt=0)
 
-    def client_update(self, ctx: ClientContext, global_weights: np.ndarray) -> tuple[ClientUpdate, Any]:
+    @property
+    def stateful_clients(self) -> bool:  # type: ignore[override]
+        return self.optim.persistent_state
+
+    def proximal_mu(self) -> float:
+        """The weight of a proximal term mu/2 ||w - w_global||^2 in the local loss (0: none)."""
+        return 0.0
+
+    def client_weight(self, ctx: ClientContext) -> float:
+        return float(len(ctx.indices)) if self.weighting == "samples" else 1.0
+
+    # --- client half -----------------------------------------------------------------------------------
+
+    def client_update(self, ctx: ClientContext, broadcast: Arrays) -> tuple[ClientUpdate, Any]:
         import torch
         from torch.utils._pytree import tree_map
 
@@ -41,23 +54,21 @@ class FedAvg:
         optimizer = make_optimizer(ctx.model.parameters(), self.optim)
         if self.stateful_clients and ctx.state is not None:
             optimizer.load_state_dict(ctx.state)
-        train = replace(self.train, **ctx.work) if ctx.work else self.train
-        result = train_local(ctx.model, optimizer, ctx.x, ctx.y, ctx.indices, train, ctx.generator)
-        delta = get_flat(ctx.model) - global_weights
-        weight = float(len(ctx.indices)) if self.weighting == "samples" else 1.0
-        metrics = {
-            "samples": len(ctx.indices),
-            "train_loss": result.loss,
-            "train_acc": result.accuracy,
-            "steps": result.steps,
-        }
+        adjust = proximal_adjust(ctx.model, self.proximal_mu())
+        result = train_local(
+            ctx.model, optimizer, ctx.x, ctx.y, ctx.indices, self.local_train(ctx), ctx.generator, adjust
+        )
+        delta = get_flat(ctx.model) - broadcast[MODEL]
         state = None
         if self.stateful_clients:  # kept by the driver: as CPU tensors, whatever device trained it
             state = tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, optimizer.state_dict())
-        return ClientUpdate(ctx.client, delta, weight, metrics), state
+        update = ClientUpdate(
+            ctx.client, {MODEL: delta}, {MODEL: self.client_weight(ctx)}, metrics(ctx, result)
+        )
+        return update, state
 
     def client_updates(
-        self, contexts: list[ClientContext], global_weights: np.ndarray
+        self, contexts: list[ClientContext], broadcast: Arrays
     ) -> list[tuple[ClientUpdate, Any]]:
         """`client_update` for many clients at once, in lock-step (`runtime.vectorize=true`).
 
@@ -71,30 +82,54 @@ class FedAvg:
         model = contexts[0].model
         start = {name: p.detach() for name, p in model.named_parameters()}
         jobs = [
-            ClientJob(
-                ctx.x,
-                ctx.y,
-                ctx.indices,
-                ctx.generator,
-                replace(self.train, **ctx.work) if ctx.work else self.train,
-            )
-            for ctx in contexts
+            ClientJob(ctx.x, ctx.y, ctx.indices, ctx.generator, self.local_train(ctx)) for ctx in contexts
         ]
-        stacked, results = train_lockstep(model, start, jobs, self.optim)
+        stacked, results = train_lockstep(model, start, jobs, self.optim, self.proximal_mu())
         flat = torch.cat([stacked[name].reshape(len(jobs), -1) for name in flat_names(model)], dim=1)
-        deltas = flat.cpu().numpy() - global_weights[None, :]
-        updates = []
-        for ctx, delta, result in zip(contexts, deltas, results):
-            weight = float(len(ctx.indices)) if self.weighting == "samples" else 1.0
-            metrics = {
-                "samples": len(ctx.indices),
-                "train_loss": result.loss,
-                "train_acc": result.accuracy,
-                "steps": result.steps,
-            }
-            updates.append((ClientUpdate(ctx.client, delta, weight, metrics), None))
-        return updates
+        deltas = flat.cpu().numpy() - broadcast[MODEL][None, :]
+        return [
+            (
+                ClientUpdate(
+                    ctx.client, {MODEL: delta}, {MODEL: self.client_weight(ctx)}, metrics(ctx, result)
+                ),
+                None,
+            )
+            for ctx, delta, result in zip(contexts, deltas, results)
+        ]
 
-    def server_update(self, global_weights: np.ndarray, aggregate: Aggregate) -> np.ndarray:
-        step = self.server_lr * aggregate.mean()
-        return (global_weights.astype(np.float64) + step).astype(np.float32)
+    # --- server half -----------------------------------------------------------------------------------
+
+    def server_update(
+        self, broadcast: Arrays, state: dict[str, Any], aggregate: Aggregate
+    ) -> tuple[Arrays, dict[str, Any]]:
+        step = self.server_lr * aggregate.mean(MODEL)
+        model = (broadcast[MODEL].astype(np.float64) + step).astype(np.float32)
+        return {**broadcast, MODEL: model}, state
+
+
+def metrics(ctx: ClientContext, result: Any) -> dict[str, float]:
+    """A client's row in clients.csv from its local training."""
+    return {
+        "samples": len(ctx.indices),
+        "train_loss": result.loss,
+        "train_acc": result.accuracy,
+        "steps": result.steps,
+    }
+
+
+def proximal_adjust(model: Any, mu: float):
+    """FedProx's gradient of mu/2 ||w - w_global||^2, added after each backward pass (None if mu=0).
+
+    The anchor is the model's parameters now, i.e. the global model the worker just loaded.
+    """
+    if not mu:
+        return None
+    params = list(model.parameters())
+    anchor = [p.detach().clone() for p in params]
+
+    def adjust() -> None:
+        for p, p0 in zip(params, anchor):
+            if p.grad is not None:
+                p.grad.add_(p.detach() - p0, alpha=mu)
+
+    return adjust

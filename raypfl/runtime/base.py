@@ -8,6 +8,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from raypfl.algorithms.base import ServerSnapshot
 from raypfl.config import FaultsSpec
 from raypfl.runtime.setup import FederationSetup
 
@@ -79,8 +80,8 @@ class Runtime(Protocol):
     #: The latest global model's version number.
     version: int
 
-    def start(self, setup: FederationSetup, initial_weights: np.ndarray, version: int = 0) -> None:
-        """Build the workers and the parameter server (holding `initial_weights` as `version`)."""
+    def start(self, setup: FederationSetup, initial: ServerSnapshot) -> None:
+        """Build the workers and the parameter server (holding the `initial` broadcast and server state)."""
 
     def run_round(self, plan: RoundPlan, on_submitted: Callable[[], None] | None = None) -> RoundResult:
         """Train the plan's cohort from the latest global weights and publish the next version.
@@ -93,7 +94,10 @@ class Runtime(Protocol):
         """The latest global model on the test set."""
 
     def global_weights(self) -> np.ndarray:
-        """The latest global weights (a copy in the driver)."""
+        """The latest global model (a copy in the driver)."""
+
+    def server_snapshot(self) -> ServerSnapshot:
+        """The latest version's broadcast and server state (copies in the driver: checkpoints, hand-overs)."""
 
     def close(self) -> None:
         """Release workers (and Ray, if this runtime started it)."""

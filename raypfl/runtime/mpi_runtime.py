@@ -2,9 +2,10 @@
 
 Every rank runs the same command under `mpiexec -n N`. Rank 0 is the driver and the server and also trains
 its share of the cohort; the other ranks serve its commands. Per round (mode `server`): rank 0 broadcasts
-the global weights (`Bcast` of a float32 buffer), every rank trains its clients into ONE weighted partial
-sum, the partials are gathered on rank 0 (`Gather` of float64 buffers, summed in rank order) and rank 0's
-parameter server applies the algorithm's server update. Mode `allgather` has no server rank: every rank
+the algorithm's broadcast (one `Bcast` per named array), every rank trains its clients into ONE weighted
+partial sum per named statistic, the partials are gathered on rank 0 (one `Gather` of float64 buffers per
+statistic, summed in rank order) and rank 0's parameter server applies the algorithm's server update,
+keeping its server state. Mode `allgather` has no server rank: every rank
 gathers every partial (`Allgather`) and applies the server update itself, and after each round all
 replicas are checked to be bit-identical.
 """
@@ -18,7 +19,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from raypfl.aggregate import Aggregate
+from raypfl.aggregate import MODEL, Aggregate, Arrays
+from raypfl.algorithms.base import ServerSnapshot
 from raypfl.config import RuntimeSpec
 from raypfl.errors import ConfigError
 from raypfl.runtime.base import Evaluation, RoundPlan, RoundResult, combine_evaluations, notify
@@ -61,11 +63,11 @@ class MPIRuntime:
         self.is_driver = self.rank == 0
         self.worker: ClientWorker | None = None
         self.server: ParameterServer | None = None
-        self.weights = np.empty(0, np.float32)
+        self.broadcast: Arrays = {}
 
     parallelism = 1  # set to the number of ranks in start()
 
-    def start(self, setup: FederationSetup, initial_weights: np.ndarray, version: int = 0) -> None:
+    def start(self, setup: FederationSetup, initial: ServerSnapshot) -> None:
         if self.size > setup.partition.num_clients:
             raise ConfigError(
                 f"mpiexec -n {self.size} starts more ranks than clients.num={setup.partition.num_clients}: "
@@ -76,9 +78,12 @@ class MPIRuntime:
         self.parallelism = self.size
         self.sticky = setup.algorithm.stateful_clients
         self.test_ranges = split_range(len(setup.dataset.test_y), self.size)
-        self.weights = np.array(initial_weights, dtype=np.float32)
+        self.broadcast = _buffers(initial.broadcast)
+        self.layout = _layout(self.broadcast)  # every rank's buffers: the same names, shapes and dtypes
         if self.is_driver or self.mode == "allgather":
-            self.server = ParameterServer(self.weights, setup.algorithm.server_update, version=version)
+            self.server = ParameterServer(
+                self.broadcast, setup.algorithm.server_update, version=initial.version, state=initial.state
+            )
         if self.is_driver:
             log.info("mpi runtime: %d ranks, mode %s", self.size, self.mode)
 
@@ -99,7 +104,10 @@ class MPIRuntime:
         return self._evaluate()
 
     def global_weights(self) -> np.ndarray:
-        return self.weights.copy()
+        return self.broadcast[MODEL].copy()
+
+    def server_snapshot(self) -> ServerSnapshot:
+        return ServerSnapshot(self.server.latest, _buffers(self.broadcast), self.server.server_state())
 
     def close(self) -> None:
         if self.is_driver and self.worker is not None:
@@ -122,28 +130,36 @@ class MPIRuntime:
     # --- collective steps, run by every rank --------------------------------------------------------------
 
     def _sync_weights(self) -> None:
-        """Server mode: the other ranks receive rank 0's global model (allgather replicas already agree)."""
+        """Server mode: the other ranks receive rank 0's broadcast, one `Bcast` per named array in name
+        order (allgather replicas already agree)."""
         if self.mode == "server":
-            self.comm.Bcast(self.weights, root=0)
+            for name in sorted(self.broadcast):
+                self.comm.Bcast(self.broadcast[name], root=0)
 
     def _round(self, round_idx: int, cohort: list[int]) -> RoundResult | None:
         self._sync_weights()
         mine = assign_cohort(cohort, [self.setup.partition.size(c) for c in cohort], self.size, self.sticky)[
             self.rank
         ]
-        partial, metrics, _ = self.worker.train_cohort(self.weights, round_idx, mine)  # states stay here
-        send = partial.total if partial.total is not None else np.zeros(self.weights.size, np.float64)
-        meta = (partial.weight, partial.clients, partial.rejected, metrics)
-        if self.mode == "server":
-            received = np.empty((self.size, send.size), np.float64) if self.is_driver else None
-            self.comm.Gather(send, received, root=0)
-            metas = self.comm.gather(meta, root=0)
-            if not self.is_driver:
-                return None
-        else:
-            received = np.empty((self.size, send.size), np.float64)
-            self.comm.Allgather(send, received)
-            metas = self.comm.allgather(meta)
+        partial, metrics, _ = self.worker.train_cohort(self.broadcast, round_idx, mine)  # states stay here
+        shapes = {name: total.shape for name, total in partial.totals.items()}
+        # the small part first, to every rank: then each knows every statistic's name and shape
+        metas = self.comm.allgather(
+            (dict(partial.weights), partial.clients, partial.rejected, metrics, shapes)
+        )
+        named = {name: shape for meta in metas for name, shape in meta[4].items()}
+        received: dict[str, np.ndarray | None] = {}
+        for name in sorted(named):  # one Gather (Allgather) of float64 partial sums per statistic
+            total = partial.totals.get(name)
+            send = np.ascontiguousarray(total if total is not None else np.zeros(named[name], np.float64))
+            if self.mode == "server":
+                received[name] = np.empty((self.size, *named[name]), np.float64) if self.is_driver else None
+                self.comm.Gather(send, received[name], root=0)
+            else:
+                received[name] = np.empty((self.size, *named[name]), np.float64)
+                self.comm.Allgather(send, received[name])
+        if self.mode == "server" and not self.is_driver:
+            return None
         version = self._aggregate(received, metas, len(cohort))
         if self.mode == "allgather":
             self._check_replicas()
@@ -151,20 +167,28 @@ class MPIRuntime:
             return None
         return RoundResult.from_workers(version, [m[3] for m in metas], self.server.round_summary())
 
-    def _aggregate(self, received: np.ndarray, metas: list[tuple], cohort_size: int) -> int:
+    def _aggregate(self, received: dict[str, np.ndarray], metas: list[tuple], cohort_size: int) -> int:
         """Push every rank's partial (in rank order) to this rank's parameter server; adopt the result."""
         version = self.server.latest
         self.server.expect(version, self.size, cohort_size)
-        for total, (weight, clients, rejected, _) in zip(received, metas):
-            part = Aggregate(
-                total=total if weight > 0 else None, weight=weight, clients=clients, rejected=rejected
+        for rank, (weights, clients, rejected, _, shapes) in enumerate(metas):
+            totals = {name: received[name][rank] for name in shapes}
+            self.server.push(version, Aggregate(totals, dict(weights), list(clients), list(rejected)))
+        broadcast = _buffers(self.server.pull_latest()[1])
+        if _layout(broadcast) != self.layout:
+            raise ValueError(
+                f"algorithm {type(self.setup.algorithm).__name__}: its broadcast "
+                f"changed names, shapes or dtypes ({self.layout} -> {_layout(broadcast)}); MPI ranks "
+                "receive it into fixed buffers"
             )
-            self.server.push(version, part)
-        self.weights = np.array(self.server.pull_latest()[1], dtype=np.float32)
+        self.broadcast = broadcast
         return self.server.latest
 
     def _check_replicas(self) -> None:
-        digest = hashlib.sha256(self.weights.tobytes()).hexdigest()
+        hasher = hashlib.sha256()
+        for name in sorted(self.broadcast):
+            hasher.update(self.broadcast[name].tobytes())
+        digest = hasher.hexdigest()
         digests = self.comm.allgather(digest)
         if len(set(digests)) != 1:
             raise ReplicaDivergence(
@@ -176,6 +200,15 @@ class MPIRuntime:
     def _evaluate(self) -> Evaluation | None:
         self._sync_weights()
         start, stop = self.test_ranges[self.rank] if self.rank < len(self.test_ranges) else (0, 0)
-        part = self.worker.evaluate(self.weights, start, stop)
+        part = self.worker.evaluate(self.broadcast, start, stop)
         parts = self.comm.gather(part, root=0)
         return combine_evaluations(parts) if self.is_driver else None
+
+
+def _buffers(broadcast: Arrays) -> Arrays:
+    """Writable, contiguous copies of a broadcast's arrays (what `Bcast` reads from and writes into)."""
+    return {name: np.array(array, order="C") for name, array in broadcast.items()}
+
+
+def _layout(broadcast: Arrays) -> dict[str, tuple]:
+    return {name: (array.shape, array.dtype.str) for name, array in sorted(broadcast.items())}

@@ -1,4 +1,7 @@
-"""A parameter server with versioned global weights; the server half of the algorithm runs here.
+"""A parameter server: a versioned broadcast and the server state; the algorithm's server half runs here.
+
+Each version is the algorithm's broadcast (named arrays: `model`, the global model, and what the algorithm
+adds) and its server state (e.g. FedAdam's moments), kept together for the last `keep_versions` versions.
 
 `expect(v, n, quorum)` opens round v for n pushes; `push(v, update)` adds a partial aggregate; when the
 n-th arrives (or the driver calls `close(v)` early, e.g. once a quorum answered), the server update is
@@ -20,14 +23,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from raypfl.aggregate import Aggregate
+from raypfl.aggregate import Aggregate, Arrays
 
 log = logging.getLogger(__name__)
 
-ServerUpdate = Callable[[np.ndarray, Aggregate], np.ndarray]
+#: The algorithm's server half: (broadcast, server state, aggregate) -> (next broadcast, next server state).
+ServerUpdate = Callable[[Arrays, dict[str, Any], Aggregate], tuple[Arrays, dict[str, Any]]]
 
 
 class VersionEvicted(KeyError):
@@ -37,25 +42,30 @@ class VersionEvicted(KeyError):
 class VersionedWeights:
     """Weights by version number with a bounded history: `pull(v)`, `pull_latest()`, publish, reset."""
 
-    def __init__(self, weights: np.ndarray, keep_versions: int = 2, version: int = 0):
+    def __init__(self, weights: Any, keep_versions: int = 2, version: int = 0):
         if keep_versions < 1:
             raise ValueError("keep_versions must be >= 1")
         self.keep_versions = keep_versions
-        self.versions: OrderedDict[int, np.ndarray] = OrderedDict({version: np.asarray(weights, np.float32)})
+        self.versions: OrderedDict[int, Any] = OrderedDict({version: self._freeze(weights)})
         self.latest = version
 
-    def _publish(self, weights: np.ndarray) -> None:
+    @staticmethod
+    def _freeze(weights: Any) -> Any:
+        """How a version is stored (a flat float32 vector here; a broadcast in ParameterServer)."""
+        return np.asarray(weights, np.float32)
+
+    def _publish(self, weights: Any) -> None:
         self.latest += 1
         self.versions[self.latest] = weights
         while len(self.versions) > self.keep_versions:
             self.versions.popitem(last=False)
 
-    def reset(self, weights: np.ndarray, version: int) -> None:
+    def reset(self, weights: Any, version: int) -> None:
         """Hold `weights` as `version`, forgetting every other version (a runtime taking over a model)."""
-        self.versions = OrderedDict({version: np.asarray(weights, np.float32)})
+        self.versions = OrderedDict({version: self._freeze(weights)})
         self.latest = version
 
-    def pull(self, version: int) -> np.ndarray | None:
+    def pull(self, version: int) -> Any:
         """The weights of `version`; None if it does not exist yet; VersionEvicted if no longer kept."""
         if version > self.latest:
             return None
@@ -65,7 +75,7 @@ class VersionedWeights:
             )
         return self.versions[version]
 
-    def pull_latest(self) -> tuple[int, np.ndarray]:
+    def pull_latest(self) -> tuple[int, Any]:
         """(version number, weights) of the newest version."""
         return self.latest, self.versions[self.latest]
 
@@ -88,12 +98,21 @@ class _OpenRound:
 
 
 class ParameterServer(VersionedWeights):
-    """Versioned global weights with push/pull and a bounded history."""
+    """Versioned broadcasts (with their server state) with push/pull and a bounded history.
+
+    `pull(v)` returns version v's broadcast (what clients train from), `server_state(v)` its server state.
+    """
 
     def __init__(
-        self, weights: np.ndarray, server_update: ServerUpdate, keep_versions: int = 2, version: int = 0
+        self,
+        broadcast: Arrays,
+        server_update: ServerUpdate,
+        keep_versions: int = 2,
+        version: int = 0,
+        state: dict[str, Any] | None = None,
     ):
-        super().__init__(weights, keep_versions, version)
+        super().__init__(broadcast, keep_versions, version)
+        self.states: dict[int, dict[str, Any]] = {version: dict(state or {})}
         self.server_update = server_update
         self.rounds: dict[int, _OpenRound] = {}  # version -> the round building on it
         self.last_aggregate: Aggregate | None = None
@@ -149,7 +168,7 @@ class ParameterServer(VersionedWeights):
         for slot in sorted(open_round.waiting):  # closed early: what arrived, still in slot order
             open_round.aggregate.merge(open_round.waiting.pop(slot))
         aggregate, quorum = open_round.aggregate, open_round.quorum
-        current = self.versions[version]
+        current, state = self.versions[version], self.states[version]
         answered = len(aggregate.clients) + len(aggregate.rejected)
         self.last_quorum_met = answered >= quorum
         if not self.last_quorum_met:
@@ -159,31 +178,48 @@ class ParameterServer(VersionedWeights):
                 answered,
                 quorum,
             )
-            self._publish(current)
-        elif aggregate.weight > 0:
-            self._publish(self.server_update(current, aggregate))
+            self._publish(current, state)
+        elif aggregate.has_weight:
+            self._publish(*self.server_update(current, state, aggregate))
         else:  # every update was rejected: the global model stays as it was
             log.warning("round on version %d aggregated no update; global model unchanged", version)
-            self._publish(current)
+            self._publish(current, state)
         self.last_aggregate = aggregate
         self.aggregate_s = self._round_aggregate_s + time.perf_counter() - start
         self._round_aggregate_s = 0.0
 
-    def reset(self, weights: np.ndarray, version: int) -> None:
-        """Hold `weights` as `version`, forgetting every other version (a runtime taking over a model)."""
+    @staticmethod
+    def _freeze(broadcast: Arrays) -> Arrays:
+        if not isinstance(broadcast, dict) or not all(isinstance(v, np.ndarray) for v in broadcast.values()):
+            raise TypeError("a parameter server holds broadcasts: dicts of named numpy arrays")
+        return dict(broadcast)
+
+    def _publish(self, broadcast: Arrays, state: dict[str, Any] | None = None) -> None:  # type: ignore[override]
+        super()._publish(self._freeze(broadcast))
+        self.states[self.latest] = state if state is not None else {}
+        for old in [v for v in self.states if v not in self.versions]:
+            del self.states[old]
+
+    def server_state(self, version: int | None = None) -> dict[str, Any]:
+        """The server state of `version` (default: the latest)."""
+        return self.states[self.latest if version is None else version]
+
+    def reset(self, broadcast: Arrays, version: int, state: dict[str, Any] | None = None) -> None:  # type: ignore[override]
+        """Hold `broadcast` and `state` as `version`, forgetting every other version (a take-over)."""
         if self.rounds:
             raise RuntimeError(f"cannot reset while rounds on versions {sorted(self.rounds)} are open")
-        super().reset(weights, version)
+        super().reset(broadcast, version)
+        self.states = {version: dict(state or {})}
 
     def round_summary(self) -> dict[str, object]:
         """Who was aggregated and who was rejected in the last completed round."""
         agg = self.last_aggregate
         if agg is None:
-            return {"clients": [], "rejected": [], "weight": 0.0, "aggregate_s": 0.0, "quorum_met": True}
+            return {"clients": [], "rejected": [], "weights": {}, "aggregate_s": 0.0, "quorum_met": True}
         return {
             "clients": list(agg.clients),
             "rejected": list(agg.rejected),
-            "weight": agg.weight,
+            "weights": dict(agg.weights),
             "aggregate_s": self.aggregate_s,
             "quorum_met": self.last_quorum_met,
             "stale_pushes": self.stale_pushes,

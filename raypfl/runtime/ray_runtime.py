@@ -21,6 +21,8 @@ import numpy as np
 import ray
 import torch
 
+from raypfl.aggregate import MODEL, Arrays
+from raypfl.algorithms.base import ServerSnapshot
 from raypfl.config import RuntimeSpec
 from raypfl.errors import ConfigError
 from raypfl.runtime.base import (
@@ -114,7 +116,9 @@ class RayRuntime:
         self.setup: FederationSetup | None = None
         self.tolerant = None  # a TolerantRounds when faults are configured
         self._setup_ref = None
-        self._weights: tuple[int, object] | None = None  # (version, ObjectRef) of the latest global weights
+        self._weights: tuple[int, object] | None = None  # (version, ObjectRef) of the latest broadcast
+        self._state_refs: dict[int, object] = {}  # version -> ObjectRef of its server state (if it has one)
+        self.server_stateful = False  # the algorithm keeps server state (refs to it are kept per version)
         self._ready_refs: list = []
         self._previous: tuple[int, object] | None = None  # the current version while the next is pulled
         self.placement: list[dict] = []
@@ -132,9 +136,9 @@ class RayRuntime:
         cpus = self.spec.num_cpus or os.cpu_count() or 1
         return self.spec.num_actors or max(1, int(cpus / self.spec.cpus_per_actor + 1e-9))
 
-    def start(self, setup: FederationSetup, initial_weights: np.ndarray, version: int = 0) -> None:
+    def start(self, setup: FederationSetup, initial: ServerSnapshot) -> None:
         """Start (or join) Ray, build the client actors and the parameter server; wait for them."""
-        self.launch(setup, initial_weights, version)
+        self.launch(setup, initial)
         self.wait_ready()
 
     def ready(self) -> bool:
@@ -142,7 +146,7 @@ class RayRuntime:
         done, _ = ray.wait(self._ready_refs, num_returns=len(self._ready_refs), timeout=0)
         return len(done) == len(self._ready_refs)
 
-    def launch(self, setup: FederationSetup, initial_weights: np.ndarray, version: int = 0) -> None:
+    def launch(self, setup: FederationSetup, initial: ServerSnapshot) -> None:
         """Start (or join) Ray and ask for the actors; returns without waiting for them (see `ready`)."""
         self.started_ray = start_ray(self.spec)
         self.setup = setup
@@ -163,7 +167,7 @@ class RayRuntime:
         self.actors = [self.new_actor() for _ in range(num_actors)]
         self.recovery = ActorRecovery(self)
         self.sticky = setup.algorithm.stateful_clients
-        self._open(initial_weights, version)  # its process starts while the client actors start
+        self._open(initial)  # its process starts while the client actors start
         self._ready_refs = [actor.ready.remote() for actor in self.actors]
 
     def wait_ready(self) -> None:
@@ -204,22 +208,40 @@ class RayRuntime:
         """A new client actor (not waited for), from the setup the runtime keeps in the object store."""
         return self._actor_cls.remote(self._setup_ref, self.spec.rebuild_model)
 
-    def _open(self, initial_weights: np.ndarray, version: int) -> None:
-        """Start the parameter-server actor holding `initial_weights` as `version`."""
-        self.new_server(self._put_weights(initial_weights, version), version)
+    def _open(self, initial: ServerSnapshot) -> None:
+        """Start the parameter-server actor holding the `initial` broadcast and server state."""
+        self.server_stateful = bool(initial.state)
+        self.new_server(self._put_snapshot(initial), initial.version)
 
-    def _put_weights(self, weights: np.ndarray, version: int):
-        """Put `weights` in the object store as the current version (the driver owns them, not the server)."""
-        ref = ray.put(np.asarray(weights, np.float32))
-        self.version = version
-        self._weights, self._previous = (version, ref), None
+    def _put_snapshot(self, snapshot: ServerSnapshot):
+        """Put a version's broadcast (and server state) in the object store as the current version (the
+        driver owns them, not the server); returns the broadcast's ref."""
+        ref = ray.put(dict(snapshot.broadcast))
+        self.version = snapshot.version
+        self._weights, self._previous = (snapshot.version, ref), None
+        self._state_refs = {snapshot.version: ray.put(snapshot.state)} if self.server_stateful else {}
         return ref
 
-    def new_server(self, weights_ref, version: int) -> None:
-        """A parameter-server actor holding the weights in `weights_ref` as `version` (not waited for)."""
+    def state_ref(self, version: int):
+        """The driver's ref to `version`'s server state (None if the algorithm keeps none)."""
+        return self._state_refs.get(version) if self.server_stateful else None
+
+    def _queue_next(self, version: int):
+        """Queue, behind the round's pushes, the pull of version+1's broadcast (and of its server state)."""
+        ref = self.server.pull.remote(version + 1)
+        if self.server_stateful:
+            self._state_refs[version + 1] = self.server.server_state.remote(version + 1)
+            for old in [v for v in self._state_refs if v < version]:
+                del self._state_refs[old]
+        return ref
+
+    def new_server(self, broadcast_ref, version: int) -> None:
+        """A parameter-server actor holding the broadcast in `broadcast_ref` (and the driver's copy of the
+        server state) as `version` (not waited for)."""
         server_cls = ray.remote(ParameterServer).options(num_cpus=0)
         update = self.setup.algorithm.server_update
-        self.server = server_cls.remote(weights_ref, update, self.keep_versions, version)
+        state = self.state_ref(version)
+        self.server = server_cls.remote(broadcast_ref, update, self.keep_versions, version, state)
 
     def _locate_server(self, labels: dict) -> None:
         # the parameter server has no method for this; __ray_call__ runs the function inside any actor
@@ -227,9 +249,12 @@ class RayRuntime:
         self.server_location = {**server, "label": labels.get(server["node_id"], "")}
         log.info("placement: parameter server on node %s (%s)", server["node_id"][:12], server["ip"])
 
-    def take_over(self, weights: np.ndarray, version: int) -> None:
-        """Continue from a global model trained elsewhere (the driver, during a warm start)."""
-        self.server.reset.remote(self._put_weights(weights, version), version)  # runs before later calls
+    def take_over(self, snapshot: ServerSnapshot) -> None:
+        """Continue from a global model and server state trained elsewhere (the driver, warm starting)."""
+        ref = self._put_snapshot(snapshot)
+        self.server.reset.remote(
+            ref, snapshot.version, self.state_ref(snapshot.version)
+        )  # before later calls
 
     def _weights_ref(self):
         """The latest global weights in the object store: put once per version, shared by train and eval.
@@ -265,7 +290,7 @@ class RayRuntime:
         # the driver queues them now and waits once, instead of a round trip each. The pull goes first:
         # once the summary is in, so are the next version's weights (they outlive the server)
         self._previous = (version, weights_ref)
-        self._weights = (version + 1, self.server.pull.remote(version + 1))
+        self._weights = (version + 1, self._queue_next(version))
         summary_ref = self.server.round_summary.remote()
         notify(on_submitted)
         try:
@@ -322,7 +347,13 @@ class RayRuntime:
         return self.evaluate_async()()
 
     def global_weights(self) -> np.ndarray:
-        return np.array(ray.get(self._weights_ref()))
+        return np.array(ray.get(self._weights_ref())[MODEL])
+
+    def server_snapshot(self) -> ServerSnapshot:
+        broadcast: Arrays = ray.get(self._weights_ref())
+        ref = self.state_ref(self.version)
+        state = ray.get(ref) if ref is not None else {}
+        return ServerSnapshot(self.version, {k: np.array(v) for k, v in broadcast.items()}, state)
 
     def close(self) -> None:
         for actor in self.actors:
@@ -331,6 +362,7 @@ class RayRuntime:
             ray.kill(self.server)
         self.actors, self.server, self._weights, self.tolerant = [], None, None, None
         self._previous = self._setup_ref = self.recovery = None
+        self._state_refs = {}
         if self.started_ray:
             ray.shutdown()
             self.started_ray = False

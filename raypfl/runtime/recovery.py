@@ -170,10 +170,13 @@ class ActorRecovery:
     def respawn_server(self, base_ref: Any, version: int, why: str) -> None:
         """A new parameter-server actor holding `version` (the driver's `base_ref`), replacing a dead one."""
         lost = failure(base_ref)
+        state_ref = self.rt.state_ref(version)
+        if lost is None and state_ref is not None:
+            lost = failure(state_ref)
         if lost is not None:
             raise ActorsLost(
-                f"{why}: the parameter-server actor died and the global weights of version {version} "
-                f"were lost with it ({_name(lost)})"
+                f"{why}: the parameter-server actor died and the global model (or server state) of version "
+                f"{version} was lost with it ({_name(lost)})"
             )
         self.server_replaced += 1
         if self.server_replaced > MAX_REPLACEMENTS:
@@ -217,7 +220,7 @@ class ActorRecovery:
             for share in shares:
                 if share.push_ref is None:
                     share.push_ref = rt.server.push.remote(version, share.partial_ref, share.slot)
-            rt._weights = (version + 1, rt.server.pull.remote(version + 1))
+            rt._weights = (version + 1, rt._queue_next(version))
             summary_ref = rt.server.round_summary.remote()
             try:
                 per_share, states = collect_shares(shares, rt.sticky)

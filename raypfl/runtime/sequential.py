@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from raypfl.aggregate import MODEL
+from raypfl.algorithms.base import ServerSnapshot
 from raypfl.runtime.base import (
     Evaluation,
     RoundPlan,
@@ -32,18 +34,22 @@ class SequentialRuntime:
         self.worker: ClientWorker | None = None
         self.server: ParameterServer | None = None
 
-    def start(self, setup: FederationSetup, initial_weights: np.ndarray, version: int = 0) -> None:
+    def start(self, setup: FederationSetup, initial: ServerSnapshot) -> None:
         self.setup = setup
         self.worker = ClientWorker(setup, rebuild_model=self.rebuild_model)
         self.server = ParameterServer(
-            initial_weights, setup.algorithm.server_update, self.keep_versions, version
+            initial.broadcast,
+            setup.algorithm.server_update,
+            self.keep_versions,
+            initial.version,
+            initial.state,
         )
 
     def run_round(self, plan: RoundPlan, on_submitted: Callable[[], None] | None = None) -> RoundResult:
         notify(on_submitted)
-        version, weights = self.server.pull_latest()
+        version, broadcast = self.server.pull_latest()
         partial, metrics, states = self.worker.train_cohort(
-            weights, plan.round_idx, sorted(plan.cohort), plan.work, plan.states
+            broadcast, plan.round_idx, sorted(plan.cohort), plan.work, plan.states
         )
         elapsed = 0.0
         for row in metrics:  # clients answer one after another: each waits for the ones before it
@@ -59,11 +65,15 @@ class SequentialRuntime:
         return self.server.latest
 
     def evaluate(self) -> Evaluation:
-        _, weights = self.server.pull_latest()
-        return combine_evaluations([self.worker.evaluate(weights, 0, len(self.worker.test_y))])
+        _, broadcast = self.server.pull_latest()
+        return combine_evaluations([self.worker.evaluate(broadcast, 0, len(self.worker.test_y))])
 
     def global_weights(self) -> np.ndarray:
-        return self.server.pull_latest()[1].copy()
+        return self.server.pull_latest()[1][MODEL].copy()
+
+    def server_snapshot(self) -> ServerSnapshot:
+        version, broadcast = self.server.pull_latest()
+        return ServerSnapshot(version, dict(broadcast), self.server.server_state())
 
     def close(self) -> None:
         self.worker = None

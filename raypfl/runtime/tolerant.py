@@ -272,7 +272,7 @@ class TolerantRounds:
         for actor in sorted({call.actor for call in pending.values()}):
             rt.actors[actor].cancel_round.remote(r)
         close_ref = rt.server.close.remote(version)
-        next_ref = rt.server.pull.remote(version + 1)  # owned by the driver, these weights outlive the server
+        next_ref = rt._queue_next(version)  # owned by the driver, these weights outlive the server
         try:
             ray.get(pushes)
             summary = ray.get(close_ref)
@@ -284,7 +284,7 @@ class TolerantRounds:
         if lost is not None:  # the server died: a new one, the answers pushed to it again in their order
             why = f"round {r}"
             summary = rt.recovery.reaggregate(version, weights_ref, partials, len(plan.cohort), need, why)
-            next_ref = rt.server.pull.remote(version + 1)
+            next_ref = rt._queue_next(version)
             ray.wait([next_ref], fetch_local=False)
         rt._previous, rt._weights = (version, weights_ref), (version + 1, next_ref)
         rt.version = version + 1

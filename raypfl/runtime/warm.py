@@ -3,8 +3,8 @@
 Starting Ray and its actors takes seconds (Ray's processes, then each actor imports torch and maps the
 dataset). Nothing about a round depends on where its clients train (every client's randomness is seeded
 by (root seed, round, client)), so the driver trains rounds itself with an in-process worker until the
-pool is ready, then hands the global model (weights and version) to the parameter-server actor and
-every later round runs on the actors. Same seed, same model (only float summation order may differ).
+pool is ready, then hands the global model (broadcast, server state and version) to the parameter-server
+actor and every later round runs on the actors. Same seed, same model (only float summation order may differ).
 
 Ray must be started from the main thread (a Ray started elsewhere kills the process on its first
 object-store call from the main thread), so round 1 trains in a helper thread while the main thread
@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from raypfl.algorithms.base import ServerSnapshot
 from raypfl.runtime.base import Evaluation, RoundPlan, RoundResult
 from raypfl.runtime.sequential import SequentialRuntime
 from raypfl.runtime.setup import FederationSetup
@@ -34,9 +35,9 @@ class WarmStart:
     is_driver = True
 
     def __init__(self, pool, keep_versions: int = 2):
-        self.pool = pool  # a RayRuntime: launch(), ready(), wait_ready(), take_over(weights, version)
+        self.pool = pool  # a RayRuntime: launch(), ready(), wait_ready(), take_over(snapshot)
         self.local: SequentialRuntime | None = SequentialRuntime(keep_versions)
-        self._boot: tuple[FederationSetup, np.ndarray, int] | None = None  # what the pool starts from
+        self._boot: tuple[FederationSetup, ServerSnapshot] | None = None  # what the pool starts from
         self._started = 0.0
         self.local_rounds = 0  # rounds the driver trained before the pool took over
         self._early: tuple[int, Evaluation] | None = None  # (version, evaluation) made during the launch
@@ -49,13 +50,13 @@ class WarmStart:
     def version(self) -> int:
         return self.local.version if self.local is not None else self.pool.version
 
-    def start(self, setup: FederationSetup, initial_weights: np.ndarray, version: int = 0) -> None:
+    def start(self, setup: FederationSetup, initial: ServerSnapshot) -> None:
         if setup.faults is not None and setup.faults.active:  # fault-tolerant rounds need the pool
             self.local = None
-            self.pool.start(setup, initial_weights, version)
+            self.pool.start(setup, initial)
             return
-        self.local.start(setup, initial_weights, version)
-        self._boot = (setup, initial_weights, version)
+        self.local.start(setup, initial)
+        self._boot = (setup, initial)
         self._started = time.perf_counter()
 
     def _launch_during(self, plan: RoundPlan, on_submitted: Callable[[], None] | None) -> RoundResult:
@@ -90,7 +91,7 @@ class WarmStart:
         if not self.pool.ready():
             return False
         self.pool.wait_ready()  # all answered: this only logs where they run
-        self.pool.take_over(self.local.global_weights(), self.local.version)
+        self.pool.take_over(self.local.server_snapshot())  # the model and the server state
         log.info(
             "actor pool ready after %.1f s; the driver trained the first %d round(s) meanwhile "
             "(runtime.warm_start)",
@@ -124,6 +125,9 @@ class WarmStart:
 
     def global_weights(self) -> np.ndarray:
         return self.local.global_weights() if self.local is not None else self.pool.global_weights()
+
+    def server_snapshot(self) -> ServerSnapshot:
+        return self.local.server_snapshot() if self.local is not None else self.pool.server_snapshot()
 
     def close(self) -> None:
         if self.local is not None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from raypfl import seeding
-from raypfl.aggregate import Aggregate, ClientUpdate
+from raypfl.aggregate import MODEL, Aggregate, Arrays, ClientUpdate
 from raypfl.algorithms.base import ClientContext
 from raypfl.balancing import work_amount
 from raypfl.models import build_model
@@ -95,13 +95,13 @@ class ClientWorker:
 
     def train_cohort(
         self,
-        global_weights: np.ndarray,
+        broadcast: Arrays,
         round_idx: int,
         clients: list[int],
         work: dict[int, dict[str, Any]] | None = None,
         states: dict[int, Any] | None = None,
     ) -> tuple[Aggregate, list[dict[str, Any]], dict[int, Any]]:
-        """Train `clients` from `global_weights`.
+        """Train `clients` from the server's `broadcast` (named arrays; `model` is the global model).
 
         Returns their weighted partial sum, per-client metrics (with a `status`: ok, rejected, dropped,
         failed or cancelled) and, for stateful algorithms, the clients' new states. `work` overrides
@@ -114,14 +114,14 @@ class ClientWorker:
         own_states = states is None
         states = self.client_states if own_states else states
         if self.setup.vectorize and clients:
-            for update, row in self._train_lockstep(global_weights, round_idx, clients, work or {}):
+            for update, row in self._train_lockstep(broadcast, round_idx, clients, work or {}):
                 row["accepted"] = partial.add(update)
                 row["status"] = "ok" if row["accepted"] else "rejected"
                 metrics.append(row)
             return partial, metrics, {}
         for client in clients:
             update, state, row = self._train_client(
-                global_weights, round_idx, client, (work or {}).get(client), states
+                broadcast, round_idx, client, (work or {}).get(client), states
             )
             if update is not None:
                 row["accepted"] = partial.add(update)
@@ -137,7 +137,7 @@ class ClientWorker:
 
     def _train_client(
         self,
-        global_weights: np.ndarray,
+        broadcast: Arrays,
         round_idx: int,
         client: int,
         work: dict[str, Any] | None,
@@ -160,7 +160,7 @@ class ClientWorker:
             try:
                 if attempt < fate.failing_attempts:
                     raise TransientClientError(f"injected error (round {round_idx}, attempt {attempt + 1})")
-                update, state = self._client_update(global_weights, round_idx, client, work, states)
+                update, state = self._client_update(broadcast, round_idx, client, work, states)
                 break
             except Exception as exc:  # a client's failure must not take the worker (or the round) down
                 injected = isinstance(exc, TransientClientError)
@@ -177,20 +177,22 @@ class ClientWorker:
                     return None, None, {**row, "status": "failed", "seconds": time.perf_counter() - start}
                 time.sleep(faults.retry_backoff_s * 2**attempt if faults is not None else 0.0)
         compute = time.perf_counter() - attempt_start  # the successful attempt's training time
-        if fate.corrupt:
-            update.vector = update.vector.copy()
-            update.vector[:: max(1, update.vector.size // 7)] = np.nan
+        if fate.corrupt:  # every statistic of the update is corrupted
+            for name, vector in update.statistics.items():
+                vector = update.statistics[name] = vector.copy()
+                vector.reshape(-1)[:: max(1, vector.size // 7)] = np.nan
         if self.setup.eval_local:
             n = self.setup.eval_local
             _, correct, count = evaluate(self.model, self.test_x[:n], self.test_y[:n])
             update.metrics["local_acc"] = correct / max(count, 1)
         if not self._slow_down(client, round_idx, compute):
             return None, None, {**row, **update.metrics, "status": "cancelled", "seconds": compute}
+        row["bytes_up"] = update.nbytes
         return update, state, {**row, **update.metrics, "seconds": time.perf_counter() - start}
 
     def _client_update(
         self,
-        global_weights: np.ndarray,
+        broadcast: Arrays,
         round_idx: int,
         client: int,
         work: dict[str, Any] | None,
@@ -198,13 +200,13 @@ class ClientWorker:
     ) -> tuple[ClientUpdate, Any]:
         if self.rebuild_model:
             self.model = self._new_model()
-        set_flat(self.model, global_weights)
+        set_flat(self.model, broadcast[MODEL])
         state = states.get(client)
         ctx = self._context(client, round_idx, work, copy.deepcopy(state) if state is not None else None)
         torch.manual_seed(
             ctx.generator.initial_seed()
         )  # dropout and any other torch randomness of this client
-        return self.algorithm.client_update(ctx, global_weights)
+        return self.algorithm.client_update(ctx, broadcast)
 
     def _context(self, client: int, round_idx: int, work: dict[str, Any] | None, state: Any) -> ClientContext:
         """One client's round on this worker's model (global weights already loaded), seeded per client."""
@@ -222,17 +224,18 @@ class ClientWorker:
         )
 
     def _train_lockstep(
-        self, global_weights: np.ndarray, round_idx: int, clients: list[int], work: dict[int, dict[str, Any]]
+        self, broadcast: Arrays, round_idx: int, clients: list[int], work: dict[int, dict[str, Any]]
     ) -> list[tuple[ClientUpdate, dict[str, Any]]]:
         """All `clients` together in lock-step (`runtime.vectorize=true`; validated free of faults)."""
         start = time.perf_counter()
-        set_flat(self.model, global_weights)
+        set_flat(self.model, broadcast[MODEL])
         contexts = [self._context(c, round_idx, work.get(c), None) for c in clients]
-        updates = self.algorithm.client_updates(contexts, global_weights)
+        updates = self.algorithm.client_updates(contexts, broadcast)
         share = (time.perf_counter() - start) / max(len(clients), 1)  # lock-step: each client's share
         rows = []
         for client, (update, _) in zip(clients, updates):
             row = {"round": round_idx, "client": client, "attempts": 1, "work": work_amount(work.get(client))}
+            row["bytes_up"] = update.nbytes
             rows.append((update, {**row, **update.metrics, "seconds": share}))
         return rows
 
@@ -257,9 +260,9 @@ class ClientWorker:
             time.sleep(min(left, 0.05))
         return not self._cancelled(round_idx)
 
-    def evaluate(self, weights: np.ndarray, start: int, stop: int) -> tuple[float, int, int]:
-        """(summed loss, correct, count) of `weights` on test samples [start, stop)."""
-        set_flat(self.model, weights)
+    def evaluate(self, broadcast: Arrays, start: int, stop: int) -> tuple[float, int, int]:
+        """(summed loss, correct, count) of the broadcast's global model on test samples [start, stop)."""
+        set_flat(self.model, broadcast[MODEL])
         return evaluate(self.model, self.test_x[start:stop], self.test_y[start:stop])
 
     def ready(self) -> int:
