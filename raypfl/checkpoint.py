@@ -57,6 +57,8 @@ FINGERPRINT_KEYS = (
     "dataset.train_limit",
     "dataset.test_limit",
     "model.name",
+    "model",  # a model of your own: its _target_ and arguments
+    "dataset",  # a dataset of your own: its _target_ and arguments (root and download may change)
     "partition",
     "algorithm",
     "clients.num",
@@ -251,8 +253,21 @@ def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
         node: Any = config
         for part in key.split("."):
             node = node.get(part) if isinstance(node, dict) else None
-        out[key] = node
+        out[key] = _without_defaults(key, node)
     return out
+
+
+#: Keys of a group that may differ between a run and its resumption (where the data is, whether to fetch it).
+MOVABLE = {"dataset": ("root", "download")}
+
+
+def _without_defaults(key: str, node: Any) -> Any:
+    """A group as fingerprinted: without `_target_: null` (a shipped choice, as checkpoints written before
+    groups had `_target_` recorded it) and without its movable keys."""
+    if not isinstance(node, dict):
+        return node
+    drop = MOVABLE.get(key, ())
+    return {k: v for k, v in node.items() if k not in drop and not (k == "_target_" and v is None)}
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], location: str | Path) -> None:

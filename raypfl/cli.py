@@ -88,6 +88,8 @@ def check_key_overrides(args: list[str], conf_dir: Path = CONF_DIR) -> str | Non
             continue
         parent, _, leaf = key.rpartition(".")
         node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+        if isinstance(node, DictConfig) and leaf in node.keys():  # noqa: SIM118 (`in node` misses ??? values)
+            continue
         siblings = [str(k) for k in node] if isinstance(node, DictConfig) else []
         near = difflib.get_close_matches(leaf, siblings, n=1)
         if near:

@@ -217,13 +217,6 @@ class LoadedDatasetSpec:
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """`model.*`: the architecture's name (checked against raypfl.models.MODELS)."""
-
-    name: str = "cnn"
-
-
-@dataclass(frozen=True)
 class PartitionSpec:
     """`partition.*`: the partitioner's name and the knobs of all partitioners (each takes some of them;
     a knob left out takes its partitioner's default, see raypfl.data.partitions)."""
@@ -321,6 +314,8 @@ class RuntimeSpec:
     warm_start: bool = True  # ray: the driver trains the first rounds while the actor pool boots
     vectorize: bool = False  # train a worker's clients together in lock-step (torch.func.vmap)
     placement: str = "pack"  # ray: pack (fill a node first) | spread (actors over the cluster's nodes)
+    # ray: Ray's runtime_env for this run's workers, e.g. {working_dir: .} ships your code to a cluster
+    runtime_env: dict[str, Any] | None = knob(None, expect="a mapping (Ray's runtime_env)", null="none")
 
 
 @dataclass(frozen=True)
@@ -408,7 +403,7 @@ def validate(cfg: DictConfig) -> None:
     from raypfl.algorithms import build_algorithm
     from raypfl.data.datasets import DATASETS
     from raypfl.data.partitions import PARTITIONERS
-    from raypfl.models import MODELS
+    from raypfl.models import model_factory, model_spec
     from raypfl.paradigms.spec import (
         FEDERATED,
         distributed_spec,
@@ -420,14 +415,11 @@ def validate(cfg: DictConfig) -> None:
 
     root_spec(cfg)
     _spec(LoggerSpec, cfg.get("logger") or {"name": "none"}, "logger")
-    _require(
-        cfg.dataset.name in DATASETS,
-        f"unknown dataset={cfg.dataset.name} (choose from: {', '.join(DATASETS)})",
-    )
-    _validate_dataset(cfg.dataset)
-    model = _spec(ModelSpec, cfg.model, "model")
-    _require(model.name in MODELS, f"unknown model={model.name} (choose from: {', '.join(MODELS)})")
+    _validate_dataset(cfg.dataset, DATASETS)
+    model = model_spec(cfg.model)  # a shipped name or a factory of the user's (`model._target_`)
+    model_factory(model)  # it exists, imports, and takes the keys of model.*
     _validate_partition(cfg.partition, PARTITIONERS)
+    _validate_natural(cfg, model.target)
     clients = clients_spec(cfg)
     optim_spec(cfg)
     train = train_spec(cfg)
@@ -485,33 +477,51 @@ def validate(cfg: DictConfig) -> None:
 LOADED_DATASET_KEYS = tuple(f.name for f in fields(LoadedDatasetSpec))
 
 
-def _validate_dataset(node: DictConfig) -> None:
-    """`dataset.*`: synthetic's knobs are checked by its own spec, a torchvision dataset's here."""
+def _without_target(node: Any) -> dict:
+    """A group's keys without `_target_: null` (every shipped group has it, for `GROUP._target_=...`)."""
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    if "_target_" in data and data["_target_"] is None:
+        del data["_target_"]
+    return data
+
+
+def _validate_dataset(node: DictConfig, datasets: tuple[str, ...]) -> None:
+    """`dataset.*`: a function of the user's (`dataset._target_`: imports, takes the keys given), synthetic
+    (its own spec), or a torchvision dataset."""
+    from raypfl.data.custom import check_dataset_target
     from raypfl.data.synthetic import NAME as SYNTHETIC
     from raypfl.data.synthetic import synthetic_spec
 
+    if node.get("_target_") is not None:
+        check_dataset_target(node)
+        return
+    _require(node.name in datasets, f"unknown dataset={node.name} (choose from: {', '.join(datasets)})")
     if node.name == SYNTHETIC:
         synthetic_spec(node)
         return
-    _spec(LoadedDatasetSpec, node, "dataset", context=f" for dataset={node.name}")
+    _spec(LoadedDatasetSpec, _without_target(node), "dataset", context=f" for dataset={node.name}")
 
 
 def _validate_partition(node: DictConfig, partitioners: Mapping[str, Any]) -> None:
-    """`partition.*`: the partitioner exists and takes the knobs given, each of the right type and range."""
-    from raypfl.data.partitions import _knob_names
+    """`partition.*`: the partitioner exists and takes the knobs given, each of the right type and range;
+    a function of the user's (`partition._target_`) imports and takes the keys given."""
+    from raypfl.data.partitions import _knob_names, check_partition_target
 
+    if node.get("_target_") is not None:
+        check_partition_target(node._target_, node)
+        return
     _require(
         node.name in partitioners,
         f"unknown partition={node.name} (choose from: {', '.join(partitioners)})",
     )
     allowed = _knob_names(partitioners[node.name])
-    unknown = sorted(set(map(str, node)) - {"name", *allowed})
+    unknown = sorted(set(map(str, node)) - {"name", "_target_", *allowed})
     _require(
         not unknown,
         f"unknown key partition.{unknown[0] if unknown else ''} for partition={node.name} "
         f"(allowed: {', '.join(allowed) or 'none'})",
     )
-    _spec(PartitionSpec, node, "partition")
+    _spec(PartitionSpec, _without_target(node), "partition")
     if node.name == "quantity_skew":
         defaults = inspect.signature(partitioners[node.name]).parameters
         min_size = node.get("min_size", defaults["min_size"].default)
@@ -520,6 +530,32 @@ def _validate_partition(node: DictConfig, partitioners: Mapping[str, Any]) -> No
         _require(
             min_size <= max_size,
             f"partition.min_size={min_size} must be <= partition.max_size={max_size}",
+        )
+
+
+def _validate_natural(cfg: DictConfig, model_target: str | None) -> None:
+    """What the data and the paradigm must allow: `partition=natural` needs client ids in the data (a
+    `dataset._target_`; synthetic's clients are its own anyway), and the non-federated paradigms build
+    shipped models by name and split data into their own shards."""
+    from raypfl.data.synthetic import NAME as SYNTHETIC
+    from raypfl.paradigms.spec import FEDERATED, paradigm_of
+
+    natural = cfg.partition.get("_target_") is None and cfg.partition.name == "natural"
+    custom_data = cfg.dataset.get("_target_") is not None
+    if natural and not custom_data and cfg.dataset.name != SYNTHETIC:
+        raise ConfigError(
+            f"partition=natural needs a dataset with client ids: dataset={cfg.dataset.name} has none "
+            "(set dataset._target_ to a function that returns client_ids)"
+        )
+    paradigm = paradigm_of(cfg)
+    if paradigm != FEDERATED and model_target:
+        raise ConfigError(
+            f"model._target_={model_target} needs paradigm=federated (paradigm={paradigm} builds a shipped "
+            "model by name: choose model=...)"
+        )
+    if paradigm != FEDERATED and natural:
+        raise ConfigError(
+            f"partition=natural needs paradigm=federated (paradigm={paradigm} has its own shards)"
         )
 
 

@@ -34,12 +34,13 @@ from raypfl.config import (
     runtime_spec,
     train_spec,
 )
+from raypfl.data.custom import load_custom_dataset
 from raypfl.data.datasets import Dataset, load_dataset
 from raypfl.data.partitions import build_partition
 from raypfl.data.synthetic import NAME as SYNTHETIC
 from raypfl.data.synthetic import SyntheticPartition, synthetic_dataset, synthetic_spec
 from raypfl.errors import ConfigError, RunStopped
-from raypfl.models import build_model
+from raypfl.models import ModelSpec, build_model, check_model, model_spec
 from raypfl.paradigms.spec import FEDERATED, paradigm_of
 from raypfl.planning import RoundPlanner
 from raypfl.runtime import Runtime, build_runtime
@@ -82,21 +83,24 @@ class RunResult:
             )
 
 
-def initial_weights(model_name: str, dataset: Dataset, seed: int) -> np.ndarray:
-    """The round-0 global model, initialised from the root seed."""
+def initial_weights(model: ModelSpec | str, dataset: Dataset, seed: int) -> np.ndarray:
+    """The round-0 global model (a shipped name or a `ModelSpec`), initialised from the root seed."""
     torch.manual_seed(seeding.derive_seed(seed, seeding.INIT))
-    return get_flat(build_model(model_name, dataset.in_shape, dataset.num_classes))
+    return get_flat(build_model(model, dataset.in_shape, dataset.num_classes))
 
 
-def initial_snapshot(setup: FederationSetup, model_name: str, seed: int) -> ServerSnapshot:
+def initial_snapshot(setup: FederationSetup, model: ModelSpec | str, seed: int) -> ServerSnapshot:
     """Version 0: the algorithm's first broadcast and server state, from the seeded initial model."""
-    broadcast, state = setup.algorithm.server_init(initial_weights(model_name, setup.dataset, seed))
+    broadcast, state = setup.algorithm.server_init(initial_weights(model, setup.dataset, seed))
     return ServerSnapshot(0, broadcast, state)
 
 
 def load_data(cfg: DictConfig) -> Dataset:
-    """The dataset named by `dataset.*`: loaded from disk, or (synthetic) its generated test set."""
+    """The dataset of `dataset.*`: a function of the user's (`dataset._target_`), loaded from disk, or
+    (synthetic) its generated test set."""
     d = cfg.dataset
+    if d.get("_target_") is not None:
+        return load_custom_dataset(d)
     if d.name == SYNTHETIC:
         return synthetic_dataset(synthetic_spec(d), cfg.seed)
     return load_dataset(d.name, d.root, d.download, d.get("train_limit"), d.get("test_limit"))
@@ -108,13 +112,20 @@ def build_setup(cfg: DictConfig, dataset: Dataset) -> FederationSetup:
     faults = faults_spec(cfg)
     if dataset.name == SYNTHETIC:  # the generator is the partition: each client's data is its own
         partition = SyntheticPartition(synthetic_spec(cfg.dataset), clients.num, cfg.seed)
+        untouched = cfg.partition.name in ("iid", "natural") and cfg.partition.get("_target_") is None
         log.log(
-            logging.INFO if cfg.partition.name == "iid" else logging.WARNING,  # iid: the untouched default
+            logging.INFO if untouched else logging.WARNING,  # iid: the default; natural: what synthetic is
             "dataset=synthetic generates each client's own data: partition=%s (partition.*) is ignored",
             cfg.partition.name,
         )
     else:
-        partition = build_partition(cfg.partition.name, cfg.partition, dataset.train_y, clients.num, cfg.seed)
+        partition = build_partition(
+            cfg.partition.name, cfg.partition, dataset.train_y, clients.num, cfg.seed, dataset.client_ids
+        )
+    model = model_spec(cfg.model)
+    # built once here, so that a factory that fails or returns no usable model stops the run before any
+    # runtime starts (not in every worker); checked on two test samples
+    probe = check_model(model, dataset.in_shape, dataset.num_classes, dataset.test_x[:2])
     speed = None
     if clients.speed == "lognormal":  # slowdown factors >= 1: a client never runs faster than the machine
         factors = seeding.rng(cfg.seed, seeding.SPEED).lognormal(0.0, clients.speed_sigma, clients.num)
@@ -131,13 +142,11 @@ def build_setup(cfg: DictConfig, dataset: Dataset) -> FederationSetup:
                 "rounds "
                 "(e.g. optim.persistent_state=true), which lock-step clients do not"
             )
-        check_vectorizable(
-            build_model(cfg.model.name, dataset.in_shape, dataset.num_classes), optim_spec(cfg)
-        )
+        check_vectorizable(probe, optim_spec(cfg))
     return FederationSetup(
         dataset=dataset,
         partition=partition,
-        model_name=cfg.model.name,
+        model=model,
         algorithm=algorithm,
         seed=cfg.seed,
         torch_threads=runtime_spec(cfg).torch_threads,
@@ -180,7 +189,7 @@ def run_experiment(
     dataset = load_data(cfg)
     setup = build_setup(cfg, dataset)
     if resumed is None:
-        initial, first_round = initial_snapshot(setup, cfg.model.name, cfg.seed), 1
+        initial, first_round = initial_snapshot(setup, setup.model, cfg.seed), 1
     else:
         initial, first_round = resumed_snapshot(resumed, setup), resumed["round"] + 1
     broadcast_bytes = sum(int(a.nbytes) for a in initial.broadcast.values())
@@ -202,7 +211,7 @@ def run_experiment(
         setup.partition.num_clients,
         cfg.partition.name,
         cfg.clients.per_round,
-        cfg.model.name,
+        setup.model.label,
         cfg.runtime.name,
         "" if resumed is None else f", resumed from round {first_round - 1} of {cfg.resume}",
     )
@@ -245,7 +254,7 @@ def run_experiment(
         final = runtime.server_snapshot()
         weights = final.model
         model_path = out_dir / "model.pt"
-        save_model(model_path, cfg.model.name, dataset, weights)  # before closing: an interrupt keeps it
+        save_model(model_path, setup.model, dataset, weights)  # before closing: an interrupt keeps it
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: if the last round was done, its model is written anyway
         _keep_final_model(out_dir, cfg, dataset, tracker, runtime, train.rounds)
         raise
@@ -449,17 +458,18 @@ def build_sinks(cfg: DictConfig, out_dir: Path, group: str | None, name: str | N
     raise ValueError(f"logger={logger['name']} is not supported")
 
 
-def save_model(path: Path, model_name: str, dataset: Dataset, weights: np.ndarray) -> None:
-    """Save the global model as a state_dict (load with `build_model(name)` + `load_state_dict`).
+def save_model(path: Path, model: ModelSpec | str, dataset: Dataset, weights: np.ndarray) -> None:
+    """Save the global model as a state_dict (load with `build_model(model)` + `load_state_dict`, `model`
+    being the name, the `ModelSpec` or the run's `model` config node).
 
     Written to a temporary name and renamed, so an interrupted save never leaves a truncated model.pt.
     """
-    model = build_model(model_name, dataset.in_shape, dataset.num_classes)
-    set_flat(model, weights)
+    built = build_model(model, dataset.in_shape, dataset.num_classes)
+    set_flat(built, weights)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with interrupts.deferred():
-        torch.save(model.state_dict(), tmp)
+        torch.save(built.state_dict(), tmp)
         os.replace(tmp, path)
 
 
@@ -483,6 +493,6 @@ def _keep_final_model(
             if state["round"] != rounds:
                 return
             weights = checkpoint_model(state)
-        save_model(path, cfg.model.name, dataset, weights)
+        save_model(path, model_spec(cfg.model), dataset, weights)
     except Exception as exc:  # never hide the interrupt
         log.warning("interrupted after the last round; model.pt not written (%s)", exc)

@@ -144,7 +144,10 @@ def test_unknown_top_level_key_is_refused():
         (["foo=1"], "foo=1: unknown key foo"),
         (["optim.lrr=0.1"], "optim.lrr=0.1: unknown key optim.lrr (did you mean optim.lr?)"),
         (["~faults.quorm"], "~faults.quorm: unknown key faults.quorm (did you mean faults.quorum?)"),
-        (["partition.alpha=1"], "partition.alpha=1: unknown key partition.alpha (partition=iid has: name)"),
+        (
+            ["partition.alpha=1"],
+            "partition.alpha=1: unknown key partition.alpha (partition=iid has: name, _target_)",
+        ),
         (["runtime.object_store_mb=100"], "unknown key runtime.object_store_mb (runtime=sequential has:"),
     ],
 )

@@ -41,10 +41,13 @@ def distinct_labels(part: Partition, labels: np.ndarray) -> np.ndarray:
 
 
 def test_registry_and_protocol(labels):
-    assert set(PARTITIONERS) == {"iid", "contiguous", "dirichlet", "shards", "quantity_skew", "fresh_slices"}
+    assert set(PARTITIONERS) == {
+        "iid", "contiguous", "dirichlet", "shards", "quantity_skew", "fresh_slices", "natural"
+    }  # fmt: skip
     for name in PARTITIONERS:
         params = {"max_size": 300} if name == "quantity_skew" else {}
-        part = build_partition(name, params, labels, 20, seed=0)
+        ids = np.arange(N) % 20  # natural: the dataset's own clients
+        part = build_partition(name, params, labels, 20, seed=0, client_ids=ids)
         assert isinstance(part, Partition)
         assert part.num_clients == 20
         for c in (0, 19):

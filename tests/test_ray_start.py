@@ -254,3 +254,16 @@ def test_a_local_ray_listens_on_the_loopback_only(ray_session):
             exposed[name] = outside
     assert not exposed, f"Ray ports open beyond the loopback: {exposed}"
     assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+
+
+def test_runtime_env_reaches_ray_init(monkeypatch):
+    """`runtime.runtime_env` (e.g. py_modules with the user's own `_target_` code) is handed to ray.init."""
+    seen: dict = {}
+    monkeypatch.setattr(ray_start.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_start.ray, "init", lambda **kwargs: seen.update(kwargs))
+    spec = RuntimeSpec(num_cpus=1, runtime_env={"py_modules": ["examples"]})
+    assert ray_start.start_ray(spec) is True
+    assert seen["runtime_env"] == {"py_modules": ["examples"]} and seen["address"] == "local"
+    seen.clear()
+    ray_start.start_ray(RuntimeSpec(num_cpus=1))
+    assert "runtime_env" not in seen

@@ -43,7 +43,7 @@ def algorithm_class(node: Any) -> type[Algorithm]:
         try:
             cls = get_class(str(target))
         except Exception as exc:  # hydra wraps import errors; its message says what failed
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
             raise ConfigError(f"algorithm._target_={target}: cannot import it ({reason})") from None
         where = f"algorithm._target_={target}"
     else:
@@ -78,9 +78,12 @@ def algorithm_knobs(cls: type[Algorithm], node: Any) -> dict[str, Any]:
     label = node.get("_target_") or node.get("name")
     for key in data:
         if key not in allowed:
+            hint = ""
+            if node.get("_target_") and node.get("name") in ALGORITHMS:  # a target on a shipped node
+                hint = f"; algorithm.{key} is {node.get('name')}'s: start from algorithm=custom"
             raise ConfigError(
                 f"unknown key algorithm.{key} for algorithm={label} "
-                f"(its knobs: {', '.join(allowed) or 'none'})"
+                f"(its knobs: {', '.join(allowed) or 'none'}{hint})"
             )
     for key in allowed:
         if key in data:

@@ -1,6 +1,7 @@
 """Datasets behind one interface: loaded once as normalised numpy arrays, shared by all clients.
 
 `synthetic` is generated, not loaded: see `raypfl.data.synthetic` (its clients make their own data).
+A dataset of the user's own (`dataset._target_: package.function`) is converted by `raypfl.data.custom`.
 
 Files are checked before and after torchvision reads them, so that each problem is one line naming
 the file: missing (then, if allowed, downloaded), unreadable (permission denied), or corrupt (a
@@ -54,6 +55,10 @@ class Dataset:
 
     A generated dataset (synthetic) has empty train arrays, shaped (0, *in_shape): its clients generate
     their own training data (the partition's `client_data`).
+
+    `client_ids` (a dataset of the user's own may have them): int64 (N,), the natural client of each
+    training sample (its writer, user, device) as 0..K-1, k being the k-th distinct id in sorted order;
+    `partition=natural` makes them the federation's clients. None: the data has no natural clients.
     """
 
     name: str
@@ -62,6 +67,7 @@ class Dataset:
     test_x: np.ndarray
     test_y: np.ndarray
     num_classes: int
+    client_ids: np.ndarray | None = None
 
     @property
     def in_shape(self) -> tuple[int, ...]:

@@ -8,6 +8,13 @@ Partitioners (``partition=NAME``; knobs under ``partition.*``):
 - ``shards``: McMahan et al.'s pathological non-IID: label-sorted shards, ``k`` per client.
 - ``quantity_skew``: client sizes uniform in [``min_size``, ``max_size``], disjoint samples.
 - ``fresh_slices``: every client gets a new, unseen slice of ``slice_size`` samples every round.
+- ``natural``: the dataset's own clients (writers, users): client k holds the samples of the k-th distinct
+  client id in sorted order; ``clients.num`` must be their number.
+
+A partitioner of the user's own: ``partition._target_: package.function``, called as
+``function(labels, num_clients, seed, **kwargs)`` (plus ``client_ids=`` if its signature names it) with the
+other keys of ``partition.*`` as keyword arguments; it returns one index array per client, checked
+(as many as ``clients.num``, each non-empty, indices in range, no index given twice).
 
 All randomness comes from ``seeding.rng(seed, PARTITION, ...)``: the same seed gives the same partition.
 """
@@ -22,10 +29,18 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from raypfl.data.registry import RESERVED, accepts, check_arguments, locate, node_dict, reason
 from raypfl.errors import ConfigError
 from raypfl.seeding import PARTITION, rng
 
-__all__ = ["PARTITIONERS", "FreshSlicePartition", "Partition", "StaticPartition", "build_partition"]
+__all__ = [
+    "PARTITIONERS",
+    "FreshSlicePartition",
+    "Partition",
+    "StaticPartition",
+    "build_partition",
+    "check_partition_target",
+]
 
 _DIRICHLET_TRIES = 100
 
@@ -239,6 +254,28 @@ def fresh_slices(
     return FreshSlicePartition(len(labels), num_clients, slice_size, seed)
 
 
+def natural(
+    labels: np.ndarray, num_clients: int, seed: int, client_ids: np.ndarray | None = None
+) -> StaticPartition:
+    """The dataset's own clients: client k holds the samples of the k-th distinct client id (sorted order)."""
+    if client_ids is None:
+        raise ConfigError(
+            "partition=natural needs a dataset with client ids (a dataset._target_ function that returns "
+            "client_ids); this dataset has none"
+        )
+    codes = np.unique(np.asarray(client_ids), return_inverse=True)[1].reshape(-1)
+    if len(codes) != len(labels):
+        raise ConfigError(f"partition=natural: {len(codes)} client ids for {len(labels)} training samples")
+    found = int(codes.max()) + 1 if len(codes) else 0
+    if found != num_clients:
+        raise ConfigError(
+            f"partition=natural: the dataset has {found} clients (distinct client ids): set "
+            f"clients.num={found} (not {num_clients})"
+        )
+    order = np.argsort(codes, kind="stable")  # each client's samples in dataset order
+    return StaticPartition(np.split(order, np.cumsum(np.bincount(codes, minlength=found))[:-1]))
+
+
 PARTITIONERS: dict[str, Callable[..., Partition]] = {
     "iid": iid,
     "contiguous": contiguous,
@@ -246,7 +283,10 @@ PARTITIONERS: dict[str, Callable[..., Partition]] = {
     "shards": shards,
     "quantity_skew": quantity_skew,
     "fresh_slices": fresh_slices,
+    "natural": natural,
 }
+#: How raypfl calls a partitioner (the shipped ones and a `partition._target_`).
+CALL = "(labels, num_clients, seed, **kwargs)"
 
 
 def _knob_names(builder: Callable[..., Partition]) -> list[str]:
@@ -254,14 +294,34 @@ def _knob_names(builder: Callable[..., Partition]) -> list[str]:
     return [p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
+def _check_call(name: str, num_clients: int, labels: np.ndarray) -> None:
+    """clients.num is a count and the labels a non-empty 1-D array."""
+    if isinstance(num_clients, bool) or not isinstance(num_clients, Integral) or num_clients < 1:
+        raise ConfigError(f"clients.num={num_clients!r} must be an integer >= 1")
+    if labels.ndim != 1 or labels.size == 0:
+        raise ConfigError(f"partition{name} needs a non-empty 1-D label array, got shape {labels.shape}")
+
+
 def build_partition(
-    name: str, params: Mapping[str, Any], labels: np.ndarray, num_clients: int, seed: int
+    name: str,
+    params: Mapping[str, Any],
+    labels: np.ndarray,
+    num_clients: int,
+    seed: int,
+    client_ids: np.ndarray | None = None,
 ) -> Partition:
-    """Build partitioner `name` with knobs `params` (the key `name` is ignored) over `labels`."""
+    """Build partitioner `name` with knobs `params` over `labels`; a `_target_` in `params` (a function of the
+    user's own) wins over `name`. `client_ids` (the dataset's, if any) go to a partitioner that takes them."""
+    data = node_dict(params)
+    target = data.get("_target_")
+    knobs = {str(k): v for k, v in data.items() if k not in RESERVED}
+    labels = np.asarray(labels)
+    if target:
+        _check_call(f"._target_={target}", num_clients, labels)
+        return _custom_partition(str(target), knobs, labels, int(num_clients), int(seed), client_ids)
     builder = PARTITIONERS.get(name)
     if builder is None:
         raise ConfigError(f"unknown partition={name} (choose from: {', '.join(PARTITIONERS)})")
-    knobs = {str(k): v for k, v in (params or {}).items() if k != "name"}
     allowed = _knob_names(builder)
     unknown = sorted(set(knobs) - set(allowed))
     if unknown:
@@ -269,9 +329,68 @@ def build_partition(
         raise ConfigError(
             f"unknown key {names} for partition={name} (allowed: {', '.join(allowed) or 'none'})"
         )
-    if isinstance(num_clients, bool) or not isinstance(num_clients, Integral) or num_clients < 1:
-        raise ConfigError(f"clients.num={num_clients!r} must be an integer >= 1")
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.size == 0:
-        raise ConfigError(f"partition={name} needs a non-empty 1-D label array, got shape {labels.shape}")
+    _check_call(f"={name}", num_clients, labels)
+    if accepts(builder, "client_ids"):
+        knobs["client_ids"] = client_ids
     return builder(labels, int(num_clients), int(seed), **knobs)
+
+
+def check_partition_target(target: str, params: Mapping[str, Any]) -> Callable[..., Any]:
+    """The function `partition._target_` names, checked to take (labels, num_clients, seed) and the keys of
+    `partition.*` (nothing is called)."""
+    fn = locate("partition._target_", target)
+    knobs = {str(k): v for k, v in node_dict(params).items() if k not in RESERVED}
+    supplied = ["client_ids"] if accepts(fn, "client_ids") else []
+    where = f"partition._target_={target}"
+    check_arguments(fn, knobs, "partition", where, positional=3, supplied=supplied, expected=CALL)
+    return fn
+
+
+def _custom_partition(
+    target: str,
+    knobs: dict[str, Any],
+    labels: np.ndarray,
+    num_clients: int,
+    seed: int,
+    client_ids: np.ndarray | None,
+) -> StaticPartition:
+    """Call `partition._target_` and check its index arrays: one per client, non-empty, in range, disjoint."""
+    fn = check_partition_target(target, knobs)
+    key = f"partition._target_={target}"
+    if accepts(fn, "client_ids"):
+        knobs = {**knobs, "client_ids": client_ids}
+    try:
+        result = fn(labels, num_clients, seed, **knobs)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{key}: it raised {reason(exc)}") from None
+    if isinstance(result, (str, bytes, Mapping)) or not hasattr(result, "__len__"):
+        what = type(result).__name__
+        raise ConfigError(f"{key} returned a {what}; expected a list of index arrays, one per client")
+    if len(result) != num_clients:
+        raise ConfigError(f"{key} returned {len(result)} index arrays for clients.num={num_clients}")
+    n = len(labels)
+    parts = []
+    for client, idx in enumerate(result):
+        arr = np.asarray(idx.detach().cpu().numpy() if hasattr(idx, "detach") else idx).reshape(-1)
+        if arr.size == 0:
+            raise ConfigError(f"{key}: client {client} has no samples (an empty index array)")
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise ConfigError(f"{key}: client {client}'s indices have dtype {arr.dtype}; expected integers")
+        outside = arr[(arr < 0) | (arr >= n)]
+        if outside.size:
+            raise ConfigError(
+                f"{key}: client {client} has index {int(outside[0])}, outside the training set [0, {n})"
+            )
+        parts.append(arr.astype(np.int64))
+    joined = np.concatenate(parts)
+    if np.unique(joined).size != joined.size:
+        owner = np.repeat(np.arange(num_clients), [len(p) for p in parts])
+        order = np.argsort(joined, kind="stable")
+        first = int(np.flatnonzero(joined[order][1:] == joined[order][:-1])[0])
+        a, b = int(owner[order][first]), int(owner[order][first + 1])
+        index = int(joined[order][first])
+        who = f"client {a} lists it twice" if a == b else f"clients {a} and {b} both have it"
+        raise ConfigError(f"{key}: index {index} is given more than once ({who}); clients must be disjoint")
+    return StaticPartition(parts)

@@ -94,6 +94,8 @@ def _integer(key: str, value: Any, minimum: int) -> None:
 def synthetic_spec(node: DictConfig | dict | None) -> SyntheticSpec:
     """The spec from the `dataset` config node; unknown keys and bad values are ConfigErrors naming them."""
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    if data.get("_target_", 0) is None:  # the group's `_target_: null` (set, it names a dataset function)
+        del data["_target_"]
     known = [f.name for f in fields(SyntheticSpec)]
     unknown = sorted(set(data) - set(known))
     if unknown:

@@ -45,6 +45,9 @@ def start_ray(spec: RuntimeSpec, key: str = "runtime.address") -> bool:
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
+    runtime_env = getattr(spec, "runtime_env", None)
+    if runtime_env:  # e.g. {working_dir: .} or {py_modules: [my_pkg]}: user code reaches every node
+        kwargs["runtime_env"] = dict(runtime_env)
     if spec.address:
         join_ray(spec.address, connect_timeout(spec), key, **kwargs)
     else:

@@ -10,15 +10,20 @@ from raypfl.algorithms.base import Algorithm
 from raypfl.config import FaultsSpec
 from raypfl.data.datasets import Dataset
 from raypfl.data.partitions import Partition
+from raypfl.models import ModelSpec
 
 
 @dataclass(frozen=True)
 class FederationSetup:
-    """Dataset (shared, read-only), partition (clients as index arrays), model, algorithm, seed, faults."""
+    """Dataset (shared, read-only), partition (clients as index arrays), model, algorithm, seed, faults.
+
+    `model` is a small picklable spec (a shipped name, or a factory's path and its keyword arguments):
+    every worker (Ray actor, MPI rank, the driver) builds the same model from it with `build_model`.
+    """
 
     dataset: Dataset
     partition: Partition
-    model_name: str
+    model: ModelSpec
     algorithm: Algorithm
     seed: int
     torch_threads: int = 1

@@ -84,7 +84,7 @@ class ClientWorker:
 
     def _new_model(self) -> torch.nn.Module:
         data = self.setup.dataset
-        return build_model(self.setup.model_name, data.in_shape, data.num_classes).to(self.device)
+        return build_model(self.setup.model, data.in_shape, data.num_classes).to(self.device)
 
     def cancel_round(self, round_idx: int) -> None:
         """Stop working on `round_idx` (it closed): queued clients are skipped, sleeping ones wake up."""
