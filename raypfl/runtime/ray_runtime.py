@@ -118,7 +118,6 @@ class RayRuntime:
         self._setup_ref = None
         self._weights: tuple[int, object] | None = None  # (version, ObjectRef) of the latest broadcast
         self._state_refs: dict[int, object] = {}  # version -> ObjectRef of its server state (if it has one)
-        self.server_stateful = False  # the algorithm keeps server state (refs to it are kept per version)
         self._ready_refs: list = []
         self._previous: tuple[int, object] | None = None  # the current version while the next is pulled
         self.placement: list[dict] = []
@@ -210,7 +209,6 @@ class RayRuntime:
 
     def _open(self, initial: ServerSnapshot) -> None:
         """Start the parameter-server actor holding the `initial` broadcast and server state."""
-        self.server_stateful = bool(initial.state)
         self.new_server(self._put_snapshot(initial), initial.version)
 
     def _put_snapshot(self, snapshot: ServerSnapshot):
@@ -219,20 +217,20 @@ class RayRuntime:
         ref = ray.put(dict(snapshot.broadcast))
         self.version = snapshot.version
         self._weights, self._previous = (snapshot.version, ref), None
-        self._state_refs = {snapshot.version: ray.put(snapshot.state)} if self.server_stateful else {}
+        self._state_refs = {snapshot.version: ray.put(snapshot.state)}
         return ref
 
     def state_ref(self, version: int):
-        """The driver's ref to `version`'s server state (None if the algorithm keeps none)."""
-        return self._state_refs.get(version) if self.server_stateful else None
+        """The driver's ref to `version`'s server state (None if it is not known here)."""
+        return self._state_refs.get(version)
 
     def _queue_next(self, version: int):
         """Queue, behind the round's pushes, the pull of version+1's broadcast (and of its server state)."""
         ref = self.server.pull.remote(version + 1)
-        if self.server_stateful:
-            self._state_refs[version + 1] = self.server.server_state.remote(version + 1)
-            for old in [v for v in self._state_refs if v < version]:
-                del self._state_refs[old]
+        # always: an algorithm may start its state only in its first server update (one small call per round)
+        self._state_refs[version + 1] = self.server.server_state.remote(version + 1)
+        for old in [v for v in self._state_refs if v < version]:
+            del self._state_refs[old]
         return ref
 
     def new_server(self, broadcast_ref, version: int) -> None:
