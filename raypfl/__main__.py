@@ -22,12 +22,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from raypfl import interrupts, run_folder
 from raypfl.cli import EXIT_BAD_INPUT, EXIT_STOPPED, check_group_overrides, check_key_overrides
-from raypfl.config import validate
 from raypfl.errors import RaypflError, RunStopped
-from raypfl.report import write_result
-from raypfl.run_folder import RunFolderError
+from raypfl.jobs import interrupts, run_folder
+from raypfl.jobs.run_folder import RunFolderError
+from raypfl.tracking.report import write_result
+from raypfl.validation import validate
 
 log = logging.getLogger("raypfl")
 
@@ -59,7 +59,7 @@ def main(cfg: DictConfig) -> float:
         return float("nan")
     try:
         return _run_job(cfg, out_dir, started, hydra_cfg, sweeping, writer)
-    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (raypfl.interrupts), wherever the run was
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM (raypfl.jobs.interrupts), wherever the run was
         _interrupted(exc, cfg, out_dir, started, hydra_cfg, sweeping, writer)
     finally:
         run_folder.release_all()
@@ -68,7 +68,7 @@ def main(cfg: DictConfig) -> float:
 def _run_job(
     cfg: DictConfig, out_dir: Path, started: float, hydra_cfg, sweeping: bool, writer: bool
 ) -> float:
-    from raypfl.experiment import run_experiment
+    from raypfl.dispatch import run_job
 
     group = Path(hydra_cfg.sweep.dir).name if sweeping else None
     name = f"job{hydra_cfg.job.num}" if sweeping else None
@@ -81,7 +81,7 @@ def _run_job(
                 if not cfg.runtime.get("address"):
                     interrupts.start_watchdog()  # no Ray process outlives this one, even after a SIGKILL
         # in a sweep a job may run in a reused process: its clock starts with the job
-        result = run_experiment(cfg, out_dir, group=group, name=name, started=started if sweeping else None)
+        result = run_job(cfg, out_dir, group=group, name=name, started=started if sweeping else None)
         if result is not None:
             result.check_trained()  # no update ever averaged, or NaN weights: not a success (exit 3)
     except Exception as exc:
@@ -141,7 +141,7 @@ def interrupt_message(
     signame: str, out_dir: Path, cfg: DictConfig, args: list[str], started: float = 0.0
 ) -> tuple[str, dict]:
     """The one line an interrupted run ends with (where it stopped, how to resume) and result.json extras."""
-    from raypfl.checkpoint import checkpoint_path, load_checkpoint
+    from raypfl.jobs.checkpoint import checkpoint_path, load_checkpoint
 
     try:  # this job's checkpoint (not one left by a run it overwrote or resumed in this folder)
         fresh = checkpoint_path(out_dir).stat().st_mtime >= started

@@ -18,12 +18,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from raypfl import run_folder
 from raypfl.cli import CONF_DIR, check_group_overrides, check_key_overrides
-from raypfl.config import validate
+from raypfl.dispatch import run_job
+from raypfl.driver.result import RunResult
 from raypfl.errors import ConfigError
-from raypfl.experiment import RunResult, run_experiment
-from raypfl.report import write_result
+from raypfl.jobs import run_folder
+from raypfl.tracking.report import write_result
+from raypfl.validation import validate
 
 
 def compose(overrides: Sequence[str] = ()) -> DictConfig:
@@ -58,7 +59,7 @@ def run_config(cfg: DictConfig, out_dir: str | Path | None = None) -> RunResult:
     started = time.time()
     lock = run_folder.claim(folder, cfg.get("overwrite", False), cfg.get("resume"))
     try:
-        result = run_experiment(cfg, folder, started=started)
+        result = run_job(cfg, folder, started=started)
         result.check_trained()
         write_result(folder, started, "ok", final_acc=result.final_accuracy)
         return result

@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from raypfl.report import DEFAULT_TARGET, report
+from raypfl.tracking.report import DEFAULT_TARGET, report
 
 log = logging.getLogger("raypfl")
 

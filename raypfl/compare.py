@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from raypfl import plots
+from raypfl.tracking import plots
 
 log = logging.getLogger("raypfl")
 
@@ -110,15 +110,15 @@ def fedavg_rows(rows: list[dict], cfg: DictConfig, train_size: int) -> tuple[lis
 def run_one(
     paradigm: str, model: str, epochs: float, out: Path, extra: list[str]
 ) -> tuple[dict, list[dict], dict]:
-    from raypfl.config import validate
-    from raypfl.experiment import run_experiment
+    from raypfl.dispatch import run_job
     from raypfl.paradigms.run import breakdown_means
+    from raypfl.validation import validate
 
     cfg = compose(paradigm, model, epochs, extra)
     validate(cfg)
     run_dir = out / model / paradigm
     log.info("compare: %s, model %s, %.3g epochs -> %s", paradigm, model, epochs, run_dir)
-    result = run_experiment(cfg, run_dir, started=time.time())
+    result = run_job(cfg, run_dir, started=time.time())
     if paradigm == "fedavg":
         rows, means = fedavg_rows(result.rounds, cfg, result.train_samples)
     else:

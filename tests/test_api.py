@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from raypfl.api import compose, run
+from raypfl.driver.experiment import run_experiment
 from raypfl.errors import ConfigError
-from raypfl.experiment import run_experiment
-from raypfl.run_folder import RunFolderError
+from raypfl.jobs.run_folder import RunFolderError
 from tests.conftest import SMALL_RUN, make_config
 
 RUN = [*SMALL_RUN, "train.rounds=2", "algorithm=fedadam"]

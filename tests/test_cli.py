@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from raypfl.driver.experiment import run_experiment
 from raypfl.errors import DataError
-from raypfl.experiment import run_experiment
 from tests.conftest import make_config, run_cli
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from raypfl.aggregate import MODEL, Aggregate, Arrays, ClientUpdate
+from raypfl.algorithms.aggregate import MODEL, Aggregate, Arrays, ClientUpdate
 
 if TYPE_CHECKING:  # the server half runs where torch need not be imported (the parameter server)
     import torch
@@ -130,7 +130,7 @@ class Algorithm:
     def client_updates(
         self, contexts: list[ClientContext], broadcast: Arrays
     ) -> list[tuple[ClientUpdate, Any]]:
-        """`client_update` for many clients at once, in lock-step; see `raypfl.vectorized`."""
+        """`client_update` for many clients at once, in lock-step; see `raypfl.training.lockstep`."""
         raise NotImplementedError
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from raypfl.aggregate import MODEL, Aggregate, Arrays, ClientUpdate
+from raypfl.algorithms.aggregate import MODEL, Aggregate, Arrays, ClientUpdate
 from raypfl.algorithms.base import Algorithm, ClientContext
 from raypfl.config import WEIGHTINGS, knob
 
@@ -48,8 +48,8 @@ class FedAvg(Algorithm):
         import torch
         from torch.utils._pytree import tree_map
 
-        from raypfl.training import make_optimizer, train_local
-        from raypfl.weights import get_flat
+        from raypfl.models.weights import get_flat
+        from raypfl.training.local import make_optimizer, train_local
 
         optimizer = make_optimizer(ctx.model.parameters(), self.optim)
         if self.stateful_clients and ctx.state is not None:
@@ -72,12 +72,12 @@ class FedAvg(Algorithm):
     ) -> list[tuple[ClientUpdate, Any]]:
         """`client_update` for many clients at once, in lock-step (`runtime.vectorize=true`).
 
-        All contexts share one model holding the global weights; see `raypfl.vectorized`.
+        All contexts share one model holding the global weights; see `raypfl.training.lockstep`.
         """
         import torch
 
-        from raypfl.vectorized import ClientJob, train_lockstep
-        from raypfl.weights import flat_names
+        from raypfl.models.weights import flat_names
+        from raypfl.training.lockstep import ClientJob, train_lockstep
 
         model = contexts[0].model
         start = {name: p.detach() for name, p in model.named_parameters()}

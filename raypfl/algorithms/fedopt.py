@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from raypfl.aggregate import MODEL, Aggregate, Arrays
+from raypfl.algorithms.aggregate import MODEL, Aggregate, Arrays
 from raypfl.algorithms.fedavg import FedAvg
 from raypfl.config import knob
 

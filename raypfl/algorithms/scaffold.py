@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from raypfl.aggregate import MODEL, Aggregate, Arrays, ClientUpdate
+from raypfl.algorithms.aggregate import MODEL, Aggregate, Arrays, ClientUpdate
 from raypfl.algorithms.base import Algorithm, ClientContext
 from raypfl.algorithms.fedavg import metrics
 from raypfl.config import WEIGHTINGS, knob
@@ -61,8 +61,8 @@ class Scaffold(Algorithm):
     # --- client half -----------------------------------------------------------------------------------
 
     def client_update(self, ctx: ClientContext, broadcast: Arrays) -> tuple[ClientUpdate, Any]:
-        from raypfl.training import make_optimizer, train_local
-        from raypfl.weights import get_flat, parameter_views, shared_tensor
+        from raypfl.models.weights import get_flat, parameter_views, shared_tensor
+        from raypfl.training.local import make_optimizer, train_local
 
         x, c = broadcast[MODEL], broadcast[CONTROL]
         c_i = ctx.state if ctx.state is not None else np.zeros_like(c)

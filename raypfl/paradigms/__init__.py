@@ -2,7 +2,7 @@
 
 Each paradigm is a generator `train(ctx) -> Iterator[Point]` in its own module; `raypfl.paradigms.run`
 evaluates the points, logs, and writes the CSV files and plots. `paradigm=federated` (the default) is the
-FedAvg machinery of `raypfl.experiment`.
+FedAvg machinery of `raypfl.driver.experiment`.
 """
 
 from __future__ import annotations

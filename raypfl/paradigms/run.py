@@ -18,7 +18,6 @@ import ray
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from raypfl import plots
 from raypfl.config import optim_spec, runtime_spec
 from raypfl.data.partitions import build_partition
 from raypfl.data.synthetic import NAME as SYNTHETIC
@@ -27,7 +26,8 @@ from raypfl.paradigms import COLUMNS, trainer
 from raypfl.paradigms.base import ParadigmContext
 from raypfl.paradigms.spec import distributed_spec, gossip_spec, paradigm_of, ps_spec
 from raypfl.paradigms.worker import Evaluator
-from raypfl.tracking import _CsvLog, process_start_time
+from raypfl.tracking import plots
+from raypfl.tracking.tracker import _CsvLog, process_start_time
 
 log = logging.getLogger("raypfl")
 
@@ -47,7 +47,7 @@ BREAKDOWN_COLUMNS = ["iteration", "worker", "compute_s", "comm_s", "apply_s"]
 
 def build_context(cfg: DictConfig, dataset) -> ParadigmContext:
     """The paradigm's context: shards (one per worker, or per gossip node), initial model, specs."""
-    from raypfl.experiment import initial_weights
+    from raypfl.models.io import initial_weights
 
     name = paradigm_of(cfg)
     if dataset.name == SYNTHETIC:
@@ -76,7 +76,9 @@ def build_context(cfg: DictConfig, dataset) -> ParadigmContext:
 
 def run_paradigm(cfg: DictConfig, out_dir: Path, sinks: list, started: float | None = None):
     """Train with `paradigm=...` for `distributed.epochs`; returns a RunResult (final weights, rows)."""
-    from raypfl.experiment import RunResult, load_data, save_model
+    from raypfl.data.load import load_data
+    from raypfl.driver.result import RunResult
+    from raypfl.models.io import save_model
     from raypfl.runtime.ray_runtime import start_ray
 
     started = started or process_start_time()

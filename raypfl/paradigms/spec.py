@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from raypfl.config import _require, _spec, knob
+from raypfl.config import build_spec, knob, require
 
 FEDERATED = "federated"
 PARADIGMS = (FEDERATED, "ps_sync", "ps_async", "allreduce", "gossip")
@@ -66,39 +66,37 @@ def paradigm_of(cfg: DictConfig) -> str:
 
 
 def distributed_spec(cfg: DictConfig) -> DistributedSpec:
-    return _spec(DistributedSpec, cfg.get("distributed") or {}, "distributed")
+    return build_spec(DistributedSpec, cfg.get("distributed") or {}, "distributed")
 
 
 def ps_spec(cfg: DictConfig) -> PSSpec:
-    return _spec(PSSpec, cfg.get("ps") or {}, "ps")
+    return build_spec(PSSpec, cfg.get("ps") or {}, "ps")
 
 
 def gossip_spec(cfg: DictConfig) -> GossipSpec:
-    return _spec(GossipSpec, cfg.get("gossip") or {}, "gossip")
+    return build_spec(GossipSpec, cfg.get("gossip") or {}, "gossip")
 
 
 def validate_paradigm(cfg: DictConfig) -> None:
     """Check `paradigm` and, for the non-federated ones, `distributed.*`, `ps.*` and `gossip.*`."""
     paradigm = paradigm_of(cfg)
-    _require(paradigm in PARADIGMS, f"paradigm={paradigm} must be one of {', '.join(PARADIGMS)}")
+    require(paradigm in PARADIGMS, f"paradigm={paradigm} must be one of {', '.join(PARADIGMS)}")
     if paradigm == FEDERATED:
         return
-    _require(cfg.runtime.name == "ray", f"paradigm={paradigm} runs on Ray actors: runtime={cfg.runtime.name}")
+    require(cfg.runtime.name == "ray", f"paradigm={paradigm} runs on Ray actors: runtime={cfg.runtime.name}")
     d = distributed_spec(cfg)  # every key's type and range: the specs' knobs
     if d.straggler is not None:
-        _require(
+        require(
             d.straggler < d.workers,
             f"distributed.straggler={d.straggler} must be a worker index in [0, {d.workers})",
         )
     if paradigm == "allreduce":
-        _require(d.workers >= 2, f"paradigm=allreduce needs distributed.workers >= 2, got {d.workers}")
+        require(d.workers >= 2, f"paradigm=allreduce needs distributed.workers >= 2, got {d.workers}")
     if paradigm == "gossip":
         g = gossip_spec(cfg)
-        _require(
-            d.workers <= g.nodes, f"distributed.workers={d.workers} > gossip.nodes={g.nodes}: idle hosts"
-        )
+        require(d.workers <= g.nodes, f"distributed.workers={d.workers} > gossip.nodes={g.nodes}: idle hosts")
         if g.topology == "random_regular":
-            _require(
+            require(
                 0 < g.degree < g.nodes and g.nodes * g.degree % 2 == 0,
                 f"gossip.degree={g.degree}: a random regular graph needs 0 < degree < gossip.nodes="
                 f"{g.nodes} and nodes x degree even",

@@ -18,9 +18,9 @@ from raypfl import seeding
 from raypfl.config import OptimSpec
 from raypfl.data.datasets import Dataset
 from raypfl.errors import ConfigError
-from raypfl.models import build_model
-from raypfl.training import evaluate, make_optimizer
-from raypfl.weights import flat_names, get_flat, set_flat, shared_tensor
+from raypfl.models.weights import flat_names, get_flat, set_flat, shared_tensor
+from raypfl.models.zoo import build_model
+from raypfl.training.local import evaluate, make_optimizer
 
 if TYPE_CHECKING:
     from raypfl.paradigms.base import ParadigmContext

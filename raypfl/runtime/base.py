@@ -120,6 +120,11 @@ def combine_evaluations(parts: list[tuple[float, int, int]]) -> Evaluation:
 ANSWERED = ("ok", "rejected")  # statuses of clients whose update reached the server
 
 
+def work_amount(work: dict[str, Any] | None) -> int | str:
+    """The assigned local epochs or steps in a work override, for clients.csv ("" when not balancing)."""
+    return next((v for v in (work or {}).values() if v is not None), "")
+
+
 def round_trip(row: dict[str, Any], seconds: float) -> float | str:
     """A client's round-trip time for clients.csv: only clients that answered have one."""
     return round(seconds, 4) if row.get("status") in ANSWERED else ""

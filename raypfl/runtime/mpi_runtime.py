@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from raypfl.aggregate import MODEL, Aggregate, Arrays
+from raypfl.algorithms.aggregate import MODEL, Aggregate, Arrays
 from raypfl.algorithms.base import ServerSnapshot
 from raypfl.config import RuntimeSpec
 from raypfl.errors import ConfigError

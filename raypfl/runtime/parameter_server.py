@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from raypfl.aggregate import Aggregate, Arrays
+from raypfl.algorithms.aggregate import Aggregate, Arrays
 
 log = logging.getLogger(__name__)
 

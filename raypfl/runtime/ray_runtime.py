@@ -21,7 +21,7 @@ import numpy as np
 import ray
 import torch
 
-from raypfl.aggregate import MODEL, Arrays
+from raypfl.algorithms.aggregate import MODEL, Arrays
 from raypfl.algorithms.base import ServerSnapshot
 from raypfl.config import RuntimeSpec
 from raypfl.errors import ConfigError
@@ -201,7 +201,7 @@ class RayRuntime:
         ]
         for line in describe(self.placement):
             log.info("placement: %s", line)
-        self._locate_server(labels)
+        self.locate_server(labels)
 
     def new_actor(self):
         """A new client actor (not waited for), from the setup the runtime keeps in the object store."""
@@ -224,7 +224,7 @@ class RayRuntime:
         """The driver's ref to `version`'s server state (None if it is not known here)."""
         return self._state_refs.get(version)
 
-    def _queue_next(self, version: int):
+    def queue_next(self, version: int):
         """Queue, behind the round's pushes, the pull of version+1's broadcast (and of its server state)."""
         ref = self.server.pull.remote(version + 1)
         # always: an algorithm may start its state only in its first server update (one small call per round)
@@ -241,7 +241,7 @@ class RayRuntime:
         state = self.state_ref(version)
         self.server = server_cls.remote(broadcast_ref, update, self.keep_versions, version, state)
 
-    def _locate_server(self, labels: dict) -> None:
+    def locate_server(self, labels: dict) -> None:
         # the parameter server has no method for this; __ray_call__ runs the function inside any actor
         server = ray.get(self.server.__ray_call__.remote(actor_location))
         self.server_location = {**server, "label": labels.get(server["node_id"], "")}
@@ -254,7 +254,7 @@ class RayRuntime:
             ref, snapshot.version, self.state_ref(snapshot.version)
         )  # before later calls
 
-    def _weights_ref(self):
+    def current_ref(self):
         """The latest global weights in the object store: put once per version, shared by train and eval.
 
         While a round is out, the next version's ref is already queued (`_weights`) and the current one is
@@ -267,12 +267,16 @@ class RayRuntime:
         self._weights = (self.version, self.server.pull.remote(self.version))
         return self._weights[1]
 
+    def advance(self, version: int, base_ref, next_ref) -> None:
+        """Version `version` (its broadcast in `base_ref`) is done; `next_ref` will hold version+1's."""
+        self._previous, self._weights = (version, base_ref), (version + 1, next_ref)
+
     def run_round(self, plan: RoundPlan, on_submitted: Callable[[], None] | None = None) -> RoundResult:
         if self.tolerant is not None:
             notify(on_submitted)
             return self.tolerant.run_round(plan)
         version = self.version
-        weights_ref = self._weights_ref()
+        weights_ref = self.current_ref()
         cohort = plan.cohort
         groups = assign_cohort(
             cohort, [self.setup.partition.size(c) for c in cohort], len(self.actors), self.sticky
@@ -288,7 +292,7 @@ class RayRuntime:
         # the driver queues them now and waits once, instead of a round trip each. The pull goes first:
         # once the summary is in, so are the next version's weights (they outlive the server)
         self._previous = (version, weights_ref)
-        self._weights = (version + 1, self._queue_next(version))
+        self._weights = (version + 1, self.queue_next(version))
         summary_ref = self.server.round_summary.remote()
         notify(on_submitted)
         try:
@@ -326,9 +330,9 @@ class RayRuntime:
         each actor, but the driver does not wait for it before handing out that round.
         """
         if self.tolerant is not None:
-            done = self.tolerant.evaluate(self._weights_ref())
+            done = self.tolerant.evaluate(self.current_ref())
             return lambda: done
-        version, weights_ref = self.version, self._weights_ref()
+        version, weights_ref = self.version, self.current_ref()
         ranges = split_range(len(self.setup.dataset.test_y), len(self.actors))
         handles = self.actors[: len(ranges)]
         parts = [actor.evaluate.remote(weights_ref, a, b) for actor, (a, b) in zip(handles, ranges)]
@@ -345,10 +349,10 @@ class RayRuntime:
         return self.evaluate_async()()
 
     def global_weights(self) -> np.ndarray:
-        return np.array(ray.get(self._weights_ref())[MODEL])
+        return np.array(ray.get(self.current_ref())[MODEL])
 
     def server_snapshot(self) -> ServerSnapshot:
-        broadcast: Arrays = ray.get(self._weights_ref())
+        broadcast: Arrays = ray.get(self.current_ref())
         ref = self.state_ref(self.version)
         state = ray.get(ref) if ref is not None else {}
         return ServerSnapshot(self.version, {k: np.array(v) for k, v in broadcast.items()}, state)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError
@@ -39,7 +39,30 @@ from raypfl.runtime.base import Evaluation, RoundPlan, combine_evaluations
 from raypfl.runtime.placement import node_labels
 
 if TYPE_CHECKING:
-    from raypfl.runtime.ray_runtime import RayRuntime
+    from raypfl.runtime.base import RoundPlan
+    from raypfl.runtime.setup import FederationSetup
+
+
+class ActorPool(Protocol):
+    """What recovery and the fault-tolerant rounds use of the Ray runtime (`RayRuntime` is one)."""
+
+    actors: list
+    server: Any
+    setup: FederationSetup
+    version: int
+    sticky: bool
+    placement: list[dict]
+    recovery: ActorRecovery
+
+    def new_actor(self) -> Any: ...
+    def new_server(self, broadcast_ref: Any, version: int) -> None: ...
+    def locate_server(self, labels: dict) -> None: ...
+    def current_ref(self) -> Any: ...
+    def state_ref(self, version: int) -> Any: ...
+    def queue_next(self, version: int) -> Any: ...
+    def advance(self, version: int, base_ref: Any, next_ref: Any) -> None: ...
+    def train_share(self, share: Share, weights_ref: Any, plan: RoundPlan) -> None: ...
+
 
 log = logging.getLogger("raypfl")
 
@@ -94,9 +117,9 @@ def collect_shares(shares: list[Share], sticky: bool) -> tuple[list, dict]:
 
 
 class ActorRecovery:
-    """Replaces lost actors of a RayRuntime and completes the round (or evaluation) they were part of."""
+    """Replaces lost actors of an ActorPool (the Ray runtime); finishes the round or evaluation of theirs."""
 
-    def __init__(self, runtime: RayRuntime):
+    def __init__(self, runtime: ActorPool):
         self.rt = runtime
         faults = runtime.setup.faults or FaultsSpec()
         self.timeout_s = faults.actor_timeout_s
@@ -183,7 +206,7 @@ class ActorRecovery:
             raise ActorsLost(f"{why}: the parameter-server actor died {self.server_replaced} times; gave up")
         ray.kill(self.rt.server, no_restart=True)
         self.rt.new_server(base_ref, version)
-        self.rt._locate_server(node_labels())  # waits for it to start; `server_location` names the new one
+        self.rt.locate_server(node_labels())  # waits for it to start; `server_location` names the new one
         log.warning(
             "%s: the parameter-server actor died; a new one starts from version %d (the driver's copy of "
             "its weights) and the round's updates are pushed to it again",
@@ -220,7 +243,7 @@ class ActorRecovery:
             for share in shares:
                 if share.push_ref is None:
                     share.push_ref = rt.server.push.remote(version, share.partial_ref, share.slot)
-            rt._weights = (version + 1, rt._queue_next(version))
+            rt.advance(version, base_ref, rt.queue_next(version))
             summary_ref = rt.server.round_summary.remote()
             try:
                 per_share, states = collect_shares(shares, rt.sticky)

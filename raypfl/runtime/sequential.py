@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from raypfl.aggregate import MODEL
+from raypfl.algorithms.aggregate import MODEL
 from raypfl.algorithms.base import ServerSnapshot
 from raypfl.runtime.base import (
     Evaluation,

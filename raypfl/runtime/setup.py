@@ -10,7 +10,7 @@ from raypfl.algorithms.base import Algorithm
 from raypfl.config import FaultsSpec
 from raypfl.data.datasets import Dataset
 from raypfl.data.partitions import Partition
-from raypfl.models import ModelSpec
+from raypfl.models.zoo import ModelSpec
 
 
 @dataclass(frozen=True)

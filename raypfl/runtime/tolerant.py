@@ -19,21 +19,25 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ray
 from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError
 
 from raypfl import seeding
-from raypfl.balancing import work_amount
 from raypfl.errors import RunStopped
-from raypfl.runtime.base import ANSWERED, Evaluation, RoundPlan, RoundResult, combine_evaluations, round_trip
-from raypfl.runtime.recovery import LOST, failure
+from raypfl.runtime.base import (
+    ANSWERED,
+    Evaluation,
+    RoundPlan,
+    RoundResult,
+    combine_evaluations,
+    round_trip,
+    work_amount,
+)
+from raypfl.runtime.recovery import LOST, ActorPool, failure
 from raypfl.runtime.scheduling import assign_cohort, split_range
 from raypfl.runtime.setup import FederationSetup
-
-if TYPE_CHECKING:
-    from raypfl.runtime.ray_runtime import RayRuntime
 
 log = logging.getLogger("raypfl")
 
@@ -55,9 +59,9 @@ class _Call:
 
 
 class TolerantRounds:
-    """Runs rounds for a RayRuntime when `faults.*` is configured."""
+    """Runs rounds for a Ray runtime (an ActorPool) when `faults.*` is configured."""
 
-    def __init__(self, runtime: RayRuntime, setup: FederationSetup, incarnations: list[int]):
+    def __init__(self, runtime: ActorPool, setup: FederationSetup, incarnations: list[int]):
         self.rt = runtime
         self.setup = setup
         self.faults = setup.faults
@@ -172,7 +176,7 @@ class TolerantRounds:
         self._recover()
         rt, faults, r = self.rt, self.faults, plan.round_idx
         version = rt.version
-        weights_ref = rt._weights_ref()
+        weights_ref = rt.current_ref()
         need = faults.quorum_size(len(plan.cohort))
         rt.server.expect.remote(version, len(plan.cohort), need)
         started = time.perf_counter()
@@ -272,7 +276,7 @@ class TolerantRounds:
         for actor in sorted({call.actor for call in pending.values()}):
             rt.actors[actor].cancel_round.remote(r)
         close_ref = rt.server.close.remote(version)
-        next_ref = rt._queue_next(version)  # owned by the driver, these weights outlive the server
+        next_ref = rt.queue_next(version)  # owned by the driver, these weights outlive the server
         try:
             ray.get(pushes)
             summary = ray.get(close_ref)
@@ -284,9 +288,9 @@ class TolerantRounds:
         if lost is not None:  # the server died: a new one, the answers pushed to it again in their order
             why = f"round {r}"
             summary = rt.recovery.reaggregate(version, weights_ref, partials, len(plan.cohort), need, why)
-            next_ref = rt._queue_next(version)
+            next_ref = rt.queue_next(version)
             ray.wait([next_ref], fetch_local=False)
-        rt._previous, rt._weights = (version, weights_ref), (version + 1, next_ref)
+        rt.advance(version, weights_ref, next_ref)
         rt.version = version + 1
         late = [c for c, row in rows.items() if row["status"] == "late"]
         if late:

@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from raypfl import seeding
-from raypfl.aggregate import MODEL, Aggregate, Arrays, ClientUpdate
+from raypfl.algorithms.aggregate import MODEL, Aggregate, Arrays, ClientUpdate
 from raypfl.algorithms.base import ClientContext
-from raypfl.balancing import work_amount
-from raypfl.models import build_model
+from raypfl.models.weights import set_flat, shared_tensor
+from raypfl.models.zoo import build_model
+from raypfl.runtime.base import work_amount
 from raypfl.runtime.setup import FederationSetup
-from raypfl.training import evaluate
-from raypfl.weights import set_flat, shared_tensor
+from raypfl.training.local import evaluate
 
 log = logging.getLogger(__name__)
 

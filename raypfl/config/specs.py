@@ -1,0 +1,234 @@
+"""The groups of conf/config.yaml as frozen specs (one per group), and the run spec they make together.
+
+Every key is declared once, here (or in raypfl.paradigms.spec), with its type and, via `knob(...)`, its
+range or choices. `run_spec(cfg)` checks every group's keys and returns the typed `RunSpec` a run consumes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from omegaconf import DictConfig
+
+from raypfl.config.knobs import build_spec, knob
+from raypfl.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam")
+SELECTIONS = ("random", "fixed")
+WEIGHTINGS = ("samples", "uniform")
+LOGGERS = ("none", "wandb")
+WANDB_MODES = ("online", "offline", "disabled")
+RUNTIMES = ("ray", "sequential", "mpi")
+MPI_MODES = ("server", "allgather")
+SPEEDS = ("uniform", "lognormal")
+BALANCE_RULES = ("none", "aimd", "steps")
+NO_QUORUM_ACTIONS = ("fail", "skip")
+#: Ray refuses a smaller object store (ray._private.ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES, 75 MiB).
+RAY_MIN_OBJECT_STORE_MB = 75
+
+
+# --- the groups of conf/config.yaml ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RootSpec:
+    """The top-level keys that are not groups: `seed`, `resume`, `overwrite`, `paradigm`."""
+
+    seed: int = knob(0, ge=0)
+    resume: str | None = knob(None, null="start a new run")
+    overwrite: bool = False  # may a run replace the results in its folder (raypfl.jobs.run_folder)
+    paradigm: str = "federated"  # checked against raypfl.paradigms.spec.PARADIGMS (which imports this module)
+
+
+#: Top-level groups of conf/config.yaml (each checked by its own spec).
+GROUPS = (
+    "dataset", "model", "partition", "algorithm", "runtime", "logger", "clients", "train", "faults",
+    "optim", "distributed", "ps", "gossip", "report",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class LoadedDatasetSpec:
+    """`dataset.*` of a torchvision dataset (conf/dataset/mnist.yaml); synthetic has its own spec."""
+
+    name: str = "mnist"
+    root: str = "./data"
+    download: bool = True
+    train_limit: int | None = knob(None, ge=1, null="all training images")
+    test_limit: int | None = knob(None, ge=1, null="all test images")
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """`partition.*`: the partitioner's name and the knobs of all partitioners (each takes some of them;
+    a knob left out takes its partitioner's default, see raypfl.data.partitions)."""
+
+    name: str = "iid"
+    alpha: float = knob(0.5, gt=0)  # dirichlet
+    min_size: int = knob(0, ge=0)  # dirichlet, quantity_skew (>= 1)
+    max_size: int = knob(2000, ge=1)  # quantity_skew
+    k: int = knob(2, ge=1)  # shards
+    slice_size: int = knob(50, ge=1)  # fresh_slices
+
+
+@dataclass(frozen=True)
+class LoggerSpec:
+    """`logger.*` (conf/logger/*.yaml)."""
+
+    name: str = knob("none", choices=LOGGERS)
+    project: str = "raypfl"
+    entity: str | None = None
+    mode: str | None = knob(None, choices=WANDB_MODES)
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ReportSpec:
+    """`report.*`: sweep summaries."""
+
+    target_acc: float = knob(0.97, gt=0, le=1)
+
+
+@dataclass(frozen=True)
+class OptimSpec:
+    """Client optimizer: `optim.*`."""
+
+    name: str = knob("sgd", choices=OPTIMIZERS)
+    lr: float = knob(0.05, gt=0)
+    momentum: float = knob(0.0, ge=0, lt=1)
+    weight_decay: float = knob(0.0, ge=0)
+    persistent_state: bool = False
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Rounds and local work: `train.*`. `local_steps` (if set) replaces `local_epochs`."""
+
+    rounds: int = knob(20, ge=1)
+    local_epochs: int = knob(1, ge=1)
+    local_steps: int | None = knob(None, ge=1, null="train.local_epochs")
+    batch_size: int = knob(10, ge=1)
+    eval_every: int = knob(1, ge=1)
+    # test each client's local model on the first N test images (0: off)
+    eval_clients: int = knob(0, ge=0, expect="a number of test images", note="0: off")
+    checkpoint_every: int = knob(1, ge=0)  # write checkpoint.pkl every N rounds (0: never)
+
+
+@dataclass(frozen=True)
+class ClientsSpec:
+    """Federation size and cohort selection: `clients.*`."""
+
+    num: int = knob(100, ge=1)
+    per_round: int = knob(10, ge=1)
+    selection: str = knob("random", choices=SELECTIONS)
+    # uniform | lognormal: per-client slowdown factors (real sleeps), seeded
+    speed: str = knob("uniform", choices=SPEEDS)
+    speed_sigma: float = knob(0.5, ge=0)
+    # round -> clients joining then (in id order); None: all at 1
+    join_schedule: dict[int, int] | None = knob(
+        None, expect="a mapping {round: clients joining then}, e.g. {1: 4, 2: 2}", null="all at round 1"
+    )
+
+    def joined_by(self, round_idx: int) -> int:
+        """How many clients (ids 0..n-1) have joined the federation by `round_idx`."""
+        if not self.join_schedule:
+            return self.num
+        return min(self.num, sum(n for r, n in self.join_schedule.items() if int(r) <= round_idx))
+
+
+@dataclass(frozen=True)
+class RuntimeSpec:
+    """How rounds execute: `runtime.*`."""
+
+    name: str = knob("ray", choices=RUNTIMES)
+    num_cpus: int | None = knob(None, ge=1, null="all cores")
+    num_actors: int | None = knob(None, ge=1, null="one per runtime.cpus_per_actor CPUs")
+    cpus_per_actor: float = knob(1.0, gt=0)
+    gpus_per_actor: float = knob(0.0, ge=0)
+    address: str | None = knob(None, null="start a local Ray")
+    connect_timeout_s: float = knob(15.0, gt=0)  # ray: joining runtime.address gives up (exit 2) after this
+    object_store_mb: int | None = knob(
+        None, ge=RAY_MIN_OBJECT_STORE_MB, expect="an integer (MB)", note="Ray's minimum", null="Ray's default"
+    )
+    torch_threads: int = knob(1, ge=1)
+    mpi_mode: str = knob("server", choices=MPI_MODES)
+    rebuild_model: bool = False
+    warm_start: bool = True  # ray: the driver trains the first rounds while the actor pool boots
+    vectorize: bool = False  # train a worker's clients together in lock-step (torch.func.vmap)
+    placement: str = "pack"  # ray: pack (fill a node first) | spread (actors over the cluster's nodes)
+    # ray: Ray's runtime_env for this run's workers, e.g. {working_dir: .} ships your code to a cluster
+    runtime_env: dict[str, Any] | None = knob(None, expect="a mapping (Ray's runtime_env)", null="none")
+
+
+@dataclass(frozen=True)
+class FaultsSpec:
+    """Quorum rounds, deadlines, retries, load balancing and fault injection: `faults.*`."""
+
+    quorum: float = knob(1.0, gt=0, le=1)  # fraction of the cohort whose answers close the round
+    # the round closes at this deadline even without quorum
+    round_timeout_s: float | None = knob(None, gt=0, null="wait for the quorum")
+    # fail: checkpoint and stop (exit 3) | skip: keep the model, go on
+    on_no_quorum: str = knob("fail", choices=NO_QUORUM_ACTIONS)
+    max_retries: int = knob(2, ge=0)  # retries of a client whose training raised or whose actor was lost
+    retry_backoff_s: float = knob(0.1, ge=0)  # first retry waits this long, then twice as long each time
+    # none | aimd (epochs: +1 on time, halve when late) | steps (target round time)
+    balance: str = knob("none", choices=BALANCE_RULES)
+    start_epochs: int = knob(4, ge=1)  # aimd: every client starts here
+    max_epochs: int = knob(10, ge=1)  # aimd: never more than this
+    # steps: size each client's local steps to answer in this many seconds
+    target_round_s: float = knob(2.0, gt=0)
+    drop_prob: float = knob(0.0, ge=0, lt=1)  # a selected client never answers
+    error_prob: float = knob(0.0, ge=0, lt=1)  # a client's training raises (a transient error; retried)
+    corrupt_prob: float = knob(0.0, ge=0, lt=1)  # a client sends NaN/Inf (rejected by the server)
+    # ray.kill client actors in the middle of this round
+    kill_at_round: int | None = knob(None, ge=1, null="no kill")
+    kill_count: int = knob(0, ge=0)
+    kill_restart: bool = True  # Ray restarts killed actors (False: they stay dead)
+    reassign: bool = True  # clients of a dead actor move to the living ones (False: they die with it)
+    # consecutive failures after which a client is no longer sampled
+    evict_after: int | None = knob(None, ge=1, null="never")
+    actor_timeout_s: float = knob(60.0, gt=0)  # how long a restarting actor may take before it is given up
+    # SIGKILL this process after the round's checkpoint (resume tests)
+    crash_after_round: int | None = knob(None, ge=1, null="never")
+
+    @property
+    def active(self) -> bool:
+        """True if anything beyond plain synchronous rounds is asked for."""
+        return self != FaultsSpec(crash_after_round=self.crash_after_round)
+
+    def quorum_size(self, cohort_size: int) -> int:
+        """Answers needed to close a round of `cohort_size` clients (at least 1)."""
+        return max(1, math.ceil(self.quorum * cohort_size - 1e-9))
+
+
+def optim_spec(cfg: DictConfig) -> OptimSpec:
+    return build_spec(OptimSpec, cfg.optim, "optim")
+
+
+def train_spec(cfg: DictConfig) -> TrainSpec:
+    return build_spec(TrainSpec, cfg.train, "train")
+
+
+def clients_spec(cfg: DictConfig) -> ClientsSpec:
+    return build_spec(ClientsSpec, cfg.clients, "clients")
+
+
+def runtime_spec(cfg: DictConfig) -> RuntimeSpec:
+    return build_spec(RuntimeSpec, cfg.runtime, "runtime")
+
+
+def faults_spec(cfg: DictConfig) -> FaultsSpec:
+    return build_spec(FaultsSpec, cfg.get("faults") or {}, "faults")
+
+
+def root_spec(cfg: DictConfig) -> RootSpec:
+    """`seed`, `resume` and `paradigm`, checked; a top-level key that is none of these nor a group is an
+    error."""
+    known = {f.name for f in fields(RootSpec)}
+    unknown = sorted(set(map(str, cfg)) - known - set(GROUPS) - {"hydra"})
+    if unknown:
+        names = ", ".join(sorted(known | set(GROUPS)))
+        raise ConfigError(f"unknown key {unknown[0]} (top-level keys: {names})")
+    return build_spec(RootSpec, {k: cfg[k] for k in known if k in cfg}, "")

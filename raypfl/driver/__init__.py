@@ -1,0 +1,1 @@
+"""The driver: the round loop (experiment), cohort planning, selection, membership and load balancing."""

@@ -1,0 +1,219 @@
+"""Validation of a whole config before anything starts: every key's type and range, the registries
+(algorithm, model, dataset, partition: shipped names or `_target_`), and the rules that tie keys together.
+Bad input fails here with one line naming the key, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import fields
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from raypfl.config import (
+    FaultsSpec,
+    LoadedDatasetSpec,
+    LoggerSpec,
+    PartitionSpec,
+    ReportSpec,
+    RuntimeSpec,
+    build_spec,
+    clients_spec,
+    faults_spec,
+    optim_spec,
+    require,
+    root_spec,
+    runtime_spec,
+    show,
+    train_spec,
+)
+from raypfl.errors import ConfigError
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the whole config; raise ConfigError naming the first bad key.
+
+    First every key's type and range (each group's spec), then the rules that tie keys together.
+    """
+    from raypfl.algorithms import build_algorithm
+    from raypfl.data.datasets import DATASETS
+    from raypfl.data.partitions import PARTITIONERS
+    from raypfl.models.zoo import model_factory, model_spec
+    from raypfl.paradigms.spec import (
+        FEDERATED,
+        distributed_spec,
+        gossip_spec,
+        paradigm_of,
+        ps_spec,
+        validate_paradigm,
+    )
+
+    root_spec(cfg)
+    build_spec(LoggerSpec, cfg.get("logger") or {"name": "none"}, "logger")
+    _validate_dataset(cfg.dataset, DATASETS)
+    model = model_spec(cfg.model)  # a shipped name or a factory of the user's (`model._target_`)
+    model_factory(model)  # it exists, imports, and takes the keys of model.*
+    _validate_partition(cfg.partition, PARTITIONERS)
+    _validate_natural(cfg, model.target)
+    clients = clients_spec(cfg)
+    optim_spec(cfg)
+    train = train_spec(cfg)
+    if paradigm_of(cfg) == FEDERATED:  # its own knobs, checked against the algorithm class's fields
+        build_algorithm(cfg)
+    build_spec(ReportSpec, cfg.get("report") or {}, "report")
+    runtime = runtime_spec(cfg)
+    faults = faults_spec(cfg)
+    distributed_spec(cfg)
+    ps_spec(cfg)
+    gossip_spec(cfg)
+
+    # --- rules across keys (every value has its type and range by now) ---
+    require(
+        clients.per_round <= clients.num,
+        f"clients.per_round={clients.per_round} > clients.num={clients.num}",
+    )
+    if clients.join_schedule:
+        for r, n in clients.join_schedule.items():
+            count_ok = isinstance(n, int) and not isinstance(n, bool) and n >= 0
+            require(
+                str(r).isdigit() and int(r) >= 1 and count_ok,
+                f"clients.join_schedule entry {show(r)}: {show(n)} must map a round >= 1 "
+                "to a client count >= 0",
+            )
+        require(
+            clients.joined_by(1) >= 1, "clients.join_schedule must let at least one client join at round 1"
+        )
+    _validate_faults(faults, runtime)
+    if runtime.vectorize:
+        require(
+            not faults.active and clients.speed == "uniform" and not runtime.rebuild_model,
+            "runtime.vectorize=true trains a worker's clients in lock-step: it does not combine with "
+            "faults.*, clients.speed=lognormal or runtime.rebuild_model=true",
+        )
+        require(train.eval_clients == 0, "runtime.vectorize=true does not combine with train.eval_clients")
+    for key in ("cpus_per_actor", "gpus_per_actor"):  # Ray's rule for resource requests
+        value = getattr(runtime, key)
+        require(
+            value <= 1 or float(value).is_integer(),
+            f"runtime.{key}={value}: Ray needs a fraction <= 1 or a whole number",
+        )
+    validate_paradigm(cfg)
+    if paradigm_of(cfg) != FEDERATED:
+        return
+    from raypfl.runtime.placement import PLACEMENTS
+
+    require(
+        runtime.placement in PLACEMENTS,
+        f"runtime.placement={runtime.placement} must be one of {', '.join(PLACEMENTS)}",
+    )
+
+
+#: Keys of a torchvision dataset's config node (conf/dataset/mnist.yaml).
+LOADED_DATASET_KEYS = tuple(f.name for f in fields(LoadedDatasetSpec))
+
+
+def _without_target(node: Any) -> dict:
+    """A group's keys without `_target_: null` (every shipped group has it, for `GROUP._target_=...`)."""
+    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    if "_target_" in data and data["_target_"] is None:
+        del data["_target_"]
+    return data
+
+
+def _validate_dataset(node: DictConfig, datasets: tuple[str, ...]) -> None:
+    """`dataset.*`: a function of the user's (`dataset._target_`: imports, takes the keys given), synthetic
+    (its own spec), or a torchvision dataset."""
+    from raypfl.data.custom import check_dataset_target
+    from raypfl.data.synthetic import NAME as SYNTHETIC
+    from raypfl.data.synthetic import synthetic_spec
+
+    if node.get("_target_") is not None:
+        check_dataset_target(node)
+        return
+    require(node.name in datasets, f"unknown dataset={node.name} (choose from: {', '.join(datasets)})")
+    if node.name == SYNTHETIC:
+        synthetic_spec(node)
+        return
+    build_spec(LoadedDatasetSpec, _without_target(node), "dataset", context=f" for dataset={node.name}")
+
+
+def _validate_partition(node: DictConfig, partitioners: Mapping[str, Any]) -> None:
+    """`partition.*`: the partitioner exists and takes the knobs given, each of the right type and range;
+    a function of the user's (`partition._target_`) imports and takes the keys given."""
+    from raypfl.data.partitions import _knob_names, check_partition_target
+
+    if node.get("_target_") is not None:
+        check_partition_target(node._target_, node)
+        return
+    require(
+        node.name in partitioners,
+        f"unknown partition={node.name} (choose from: {', '.join(partitioners)})",
+    )
+    allowed = _knob_names(partitioners[node.name])
+    unknown = sorted(set(map(str, node)) - {"name", "_target_", *allowed})
+    require(
+        not unknown,
+        f"unknown key partition.{unknown[0] if unknown else ''} for partition={node.name} "
+        f"(allowed: {', '.join(allowed) or 'none'})",
+    )
+    build_spec(PartitionSpec, _without_target(node), "partition")
+    if node.name == "quantity_skew":
+        defaults = inspect.signature(partitioners[node.name]).parameters
+        min_size = node.get("min_size", defaults["min_size"].default)
+        max_size = node.get("max_size", defaults["max_size"].default)
+        require(min_size >= 1, f"partition.min_size={min_size} must be an integer >= 1")
+        require(
+            min_size <= max_size,
+            f"partition.min_size={min_size} must be <= partition.max_size={max_size}",
+        )
+
+
+def _validate_natural(cfg: DictConfig, model_target: str | None) -> None:
+    """What the data and the paradigm must allow: `partition=natural` needs client ids in the data (a
+    `dataset._target_`; synthetic's clients are its own anyway), and the non-federated paradigms build
+    shipped models by name and split data into their own shards."""
+    from raypfl.data.synthetic import NAME as SYNTHETIC
+    from raypfl.paradigms.spec import FEDERATED, paradigm_of
+
+    natural = cfg.partition.get("_target_") is None and cfg.partition.name == "natural"
+    custom_data = cfg.dataset.get("_target_") is not None
+    if natural and not custom_data and cfg.dataset.name != SYNTHETIC:
+        raise ConfigError(
+            f"partition=natural needs a dataset with client ids: dataset={cfg.dataset.name} has none "
+            "(set dataset._target_ to a function that returns client_ids)"
+        )
+    paradigm = paradigm_of(cfg)
+    if paradigm != FEDERATED and model_target:
+        raise ConfigError(
+            f"model._target_={model_target} needs paradigm=federated (paradigm={paradigm} builds a shipped "
+            "model by name: choose model=...)"
+        )
+    if paradigm != FEDERATED and natural:
+        raise ConfigError(
+            f"partition=natural needs paradigm=federated (paradigm={paradigm} has its own shards)"
+        )
+
+
+def _validate_faults(faults: FaultsSpec, runtime: RuntimeSpec) -> None:
+    """The faults.* rules that involve the runtime (each key's own range is FaultsSpec's)."""
+    ray_only = [
+        key
+        for key, asked in (
+            ("faults.quorum", faults.quorum < 1),
+            ("faults.round_timeout_s", faults.round_timeout_s is not None),
+            ("faults.kill_at_round", faults.kill_at_round is not None),
+        )
+        if asked
+    ]
+    if ray_only:
+        require(
+            runtime.name == "ray",
+            f"{ray_only[0]} needs runtime=ray (only there do clients answer concurrently); "
+            f"runtime={runtime.name}",
+        )
+    require(
+        runtime.name != "mpi" or not faults.active,
+        "faults.* (other than crash_after_round) are not supported on runtime=mpi; use runtime=ray",
+    )

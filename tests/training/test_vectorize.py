@@ -1,0 +1,194 @@
+"""runtime.vectorize=true: lock-step clients run the plain path's algorithm.
+
+What is claimed, and why it holds on every CPU (Intel Xeon and AMD EPYC sum floats in different orders):
+
+1. In float64 the lock-step path equals the plain path after one local epoch (10 to 43 steps) to <= 1e-10
+   (measured on an AMD EPYC: 6e-17 to 3e-15). Same algorithm, different summation order: rounding starts at
+   ~1e-16 and training amplifies it slowly (x100 in 40 steps here), leaving a million-fold margin; over
+   ~120 steps it reaches 1e-10, which is why the test stops at one epoch.
+2. In float32, after ONE step the update differs by at most 1e-3 of its own size. The kernels sum the same
+   terms in another order (vmap turns a conv into a grouped conv whose weight gradient sums over batch x
+   pixels differently); a reordered float32 sum of N terms moves by at most ~N * 6e-8 of the terms'
+   magnitudes, and N <= 20 x 28 x 28 = 15,680 here gives ~1e-3 (measured: ~1e-6).
+3. Over many float32 steps NO such bound exists: a 1-ulp difference flips a max-pool or ReLU choice
+   sooner or later, and SGD amplifies it (tiny_cnn, 10 steps: lock-step vs plain 3e-3 on an AMD EPYC, and
+   the plain float32 path is itself 2.5e-3 from float64). So multi-round runs are compared on what a user
+   sees: the same cohorts, steps and samples, and accuracy within a point.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from raypfl.config import OptimSpec, TrainSpec
+from raypfl.data.load import load_data
+from raypfl.driver.experiment import build_setup, run_experiment
+from raypfl.errors import ConfigError
+from raypfl.models.io import initial_weights
+from raypfl.models.zoo import build_model
+from raypfl.training.local import batches, make_optimizer, train_local
+from raypfl.training.lockstep import ClientJob, train_lockstep
+from tests.conftest import TINY, make_config
+
+FLOAT64_BOUND = 1e-10  # claim 1
+ONE_STEP_RELATIVE = 1e-3  # claim 2
+
+
+@pytest.fixture(scope="module")
+def mnist(data_root) -> tuple[torch.Tensor, torch.Tensor]:
+    data = load_data(make_config("dataset.train_limit=800", "dataset.test_limit=100"))
+    return torch.as_tensor(data.train_x), torch.as_tensor(data.train_y).long()
+
+
+def _plain_and_lockstep(mnist, model_name, dtype, train, optim, sizes):
+    """Each client trained alone (train_local) and all together (train_lockstep), from one start."""
+    x, y = mnist[0].to(dtype), mnist[1]
+    torch.manual_seed(0)
+    model = build_model(model_name).to(dtype)
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    offsets = np.cumsum([0, *sizes])
+    parts = [np.arange(offsets[c], offsets[c + 1]) for c in range(len(sizes))]
+    plain = []
+    for c, part in enumerate(parts):
+        alone = build_model(model_name).to(dtype)
+        alone.load_state_dict(start, strict=False)
+        train_local(
+            alone,
+            make_optimizer(alone.parameters(), optim),
+            x,
+            y,
+            part,
+            train,
+            torch.Generator().manual_seed(c),
+        )
+        plain.append(torch.cat([p.detach().flatten() for p in alone.parameters()]))
+    jobs = [ClientJob(x, y, part, torch.Generator().manual_seed(c), train) for c, part in enumerate(parts)]
+    stacked, results = train_lockstep(model, start, jobs, optim)
+    together = [torch.cat([stacked[k][c].flatten() for k in start]) for c in range(len(parts))]
+    first = torch.cat([v.flatten() for v in start.values()])
+    return torch.stack(plain).double(), torch.stack(together).double(), first.double(), results
+
+
+PATHS = {
+    "cnn-vmap": ("tiny_cnn", OptimSpec(lr=0.1), [200, 200, 200]),
+    "mlp-vmap-momentum": ("mlp", OptimSpec(lr=0.1, momentum=0.9, weight_decay=0.001), [200, 200, 200]),
+    "mlp-fused-sgd": ("mlp", OptimSpec(lr=0.1), [200, 200, 200]),
+    "uneven-masked-vmap": ("tiny_cnn", OptimSpec(lr=0.05, momentum=0.9), [40, 173, 300]),
+    "uneven-masked-fused": ("mlp", OptimSpec(lr=0.1), [40, 173, 300]),
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_lockstep_equals_plain_in_float64(mnist, path):
+    """Claim 1: the same algorithm (batches, masking, momentum, weight decay) on every path."""
+    model_name, optim, sizes = PATHS[path]
+    train = TrainSpec(batch_size=7 if "uneven" in path else 20, local_epochs=1)
+    plain, together, start, results = _plain_and_lockstep(
+        mnist, model_name, torch.float64, train, optim, sizes
+    )
+    assert (plain - together).abs().max().item() <= FLOAT64_BOUND
+    assert (plain - start).abs().max().item() > 0.01  # trained, not left at the start
+    assert [r.samples_seen for r in results] == sizes
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_lockstep_one_float32_step_is_within_the_reordering_bound(mnist, path):
+    """Claim 2: one float32 step differs only by summation order."""
+    model_name, optim, sizes = PATHS[path]
+    train = TrainSpec(batch_size=20, local_steps=1)
+    plain, together, start, _ = _plain_and_lockstep(mnist, model_name, torch.float32, train, optim, sizes)
+    step = (plain - start).abs().max().item()
+    assert step > 1e-4
+    assert (plain - together).abs().max().item() <= ONE_STEP_RELATIVE * step
+
+
+def _both(tmp_path, *overrides: str):
+    return [
+        run_experiment(make_config(*TINY, *overrides, f"runtime.vectorize={vec}"), tmp_path / vec)
+        for vec in ("false", "true")
+    ]
+
+
+def test_vectorized_run_after_one_step_matches_plain(data_root, tmp_path):
+    """The runtime wiring (cohorts, seeds, weighting, aggregation) is the plain path's: claim 2 on a whole
+    round of 4 clients of one local step each."""
+    overrides = ("runtime=sequential", "model=tiny_cnn", "train.rounds=1", "train.local_steps=1")
+    plain, vec = _both(tmp_path, *overrides)
+    cfg = make_config(*TINY, *overrides)
+    start = initial_weights("tiny_cnn", load_data(cfg), int(cfg.seed))
+    step = np.abs(plain.weights - start).max()
+    assert step > 1e-4
+    assert np.abs(plain.weights - vec.weights).max() <= ONE_STEP_RELATIVE * step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=tiny_cnn", "dataset.train_limit=800"],
+        ["optim.momentum=0.9", "optim.weight_decay=0.001"],
+        ["partition=quantity_skew", "partition.min_size=40", "partition.max_size=300", "train.batch_size=7"],
+    ],
+    ids=["cnn", "mlp-momentum", "uneven"],
+)
+def test_vectorized_runs_see_what_plain_runs_see(data_root, tmp_path, overrides):
+    """Claim 3: over three rounds, the same cohorts, steps and samples, and accuracy within a point."""
+    plain, vec = _both(tmp_path, "runtime=sequential", *overrides)
+    for a, b in zip(plain.rounds, vec.rounds):
+        assert (a["clients"], a.get("bytes_up")) == (b["clients"], b.get("bytes_up"))
+    assert abs(plain.final_accuracy - vec.final_accuracy) <= 0.01
+    assert plain.final_accuracy > 0.5  # it learned
+
+
+@pytest.mark.slow
+def test_vectorized_clients_inside_ray_actors_match_sequential(data_root, ray_session, tmp_path):
+    """Ray actors run the lock-step path with the sequential runtime's kernels (1 thread each, same
+    process type); only the float64 sums of partials are grouped differently, which reaches the float32
+    model only when a sum lands within ~1e-16 of a float32 rounding boundary: equal in practice."""
+    seq = run_experiment(
+        make_config(*TINY, "runtime=sequential", "runtime.vectorize=true"), tmp_path / "seq"
+    ).weights
+    ray_vec = run_experiment(
+        make_config(*TINY, "runtime=ray", "runtime.num_actors=2", "runtime.vectorize=true"), tmp_path / "ray"
+    ).weights
+    assert np.abs(seq - ray_vec).max() <= 1e-5
+
+
+def test_a_client_without_batches_at_a_step_is_left_alone():
+    """Lock-step with one client of 2 batches and one of 5: the short one equals training it alone."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    x, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    spec, optim = TrainSpec(batch_size=4), OptimSpec(lr=0.1, momentum=0.9)
+    jobs = [
+        ClientJob(x, y, np.arange(8), torch.Generator().manual_seed(1), spec),
+        ClientJob(x, y, np.arange(8, 28), torch.Generator().manual_seed(2), spec),
+    ]
+    together, results = train_lockstep(model, start, jobs, optim)
+    alone, _ = train_lockstep(
+        model, start, [ClientJob(x, y, np.arange(8), torch.Generator().manual_seed(1), spec)], optim
+    )
+    assert [r.steps for r in results] == [2, 5]
+    for name in start:
+        assert torch.allclose(together[name][0], alone[name][0], atol=1e-6)
+    assert len(list(batches(np.arange(8), spec, torch.Generator().manual_seed(1)))) == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.name=adam"], "optim.name=sgd"),
+        (["optim.persistent_state=true"], "per-client state"),
+        (["faults.drop_prob=0.1"], "lock-step"),
+    ],
+)
+def test_unsupported_combinations_are_clear_errors(data_root, overrides, message):
+    from raypfl.validation import validate
+
+    cfg = make_config(*TINY, "runtime=sequential", "runtime.vectorize=true", *overrides)
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg)
+        build_setup(cfg, load_data(cfg))
