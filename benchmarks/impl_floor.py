@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 import workload
 
-from raypfl.models import build_model
-from raypfl.weights import get_flat, set_flat
+from raypfl.models.weights import get_flat, set_flat
+from raypfl.models.zoo import build_model
 
 
 def main() -> None:

@@ -47,8 +47,8 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.simulation import run_simulation
 from torch import nn
 
-from raypfl.models import build_model
-from raypfl.weights import set_flat
+from raypfl.models.weights import set_flat
+from raypfl.models.zoo import build_model
 
 EVAL_BATCH = 256
 

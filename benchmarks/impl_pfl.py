@@ -5,7 +5,7 @@
 How W maps onto pfl (everything runs in this one process, 1 torch thread, as pfl's simulator does
 without its multi-worker launcher):
 
-- model: `raypfl.models.build_model` wrapped in a module with the `loss`/`metrics` methods that
+- model: `raypfl.models.zoo.build_model` wrapped in a module with the `loss`/`metrics` methods that
   `pfl.model.pytorch.PyTorchModel` needs; local optimizer `torch.optim.SGD(lr=0.05)` (no momentum), central
   optimizer `SGD(lr=1.0)`, so applying the averaged model difference is exactly `w += mean(delta)`.
 - data: a `pfl.data.FederatedDataset` over the shared IID partition. Its user sampler is pfl's
@@ -45,8 +45,8 @@ from pfl.metrics import Metrics, Weighted
 from pfl.model.pytorch import PyTorchModel
 from torch import nn
 
-from raypfl.models import build_model
-from raypfl.weights import set_flat
+from raypfl.models.weights import set_flat
+from raypfl.models.zoo import build_model
 
 EVAL_BATCH = 256
 

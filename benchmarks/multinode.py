@@ -6,7 +6,7 @@
 
 It starts a cluster on this machine with `ray.cluster_utils.Cluster` (a head node with 0 CPUs, where the
 driver runs, and worker nodes with their own CPUs, a custom resource naming each, and their own object
-store), runs the experiment through `raypfl.experiment.run_experiment` with `runtime.address=<cluster>`
+store), runs the experiment through `raypfl.driver.experiment.run_experiment` with `runtime.address=<cluster>`
 (the same path as `python -m raypfl ... runtime.address=auto` on a real cluster), prints where every actor
 landed, and tears the cluster down. By default it also runs the same experiment on a one-node local Ray
 and checks that the final weights agree (placement must not change the result). The report goes to
@@ -55,7 +55,7 @@ def compose_config(overrides: list[str]):
     """conf/config.yaml with overrides, as `python -m raypfl` composes it; validated."""
     from hydra import compose, initialize_config_dir
 
-    from raypfl.config import validate
+    from raypfl.validation import validate
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides)
@@ -122,8 +122,7 @@ def capture_placement() -> Iterator[list[dict[str, Any]]]:
 
 def run(name: str, overrides: list[str], out_root: Path) -> dict[str, Any]:
     """One experiment; returns its placement, final accuracy, wall time and final weights."""
-    from raypfl.experiment import run_experiment
-
+    from raypfl.driver.experiment import run_experiment
     cfg = compose_config(overrides)
     start = time.perf_counter()
     with capture_placement() as captured:

@@ -139,7 +139,7 @@ def driver_cost(num_clients: int, rounds: int = 50) -> dict[str, float]:
     """CPU ms: building the partition; planning a round (static, dynamic membership); clients 0-99's data."""
     from raypfl.config import ClientsSpec, FaultsSpec
     from raypfl.data.synthetic import SyntheticPartition, SyntheticSpec
-    from raypfl.planning import RoundPlanner
+    from raypfl.driver.planning import RoundPlanner
 
     clock = time.process_time
     start = clock()

@@ -24,9 +24,9 @@ import psutil
 from raypfl.config import ClientsSpec
 from raypfl.data.datasets import Dataset, load_dataset
 from raypfl.data.partitions import StaticPartition, iid
-from raypfl.experiment import initial_weights
+from raypfl.driver.selection import CohortSampler
+from raypfl.models.io import initial_weights
 from raypfl.runtime.worker import client_seed
-from raypfl.selection import CohortSampler
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from raypfl.aggregate import MODEL, Aggregate, Arrays, ClientUpdate
 from raypfl.algorithms import Algorithm, ClientContext
+from raypfl.algorithms.aggregate import MODEL, Aggregate, Arrays, ClientUpdate
 from raypfl.config import knob
 
 SQUARED_NORM = "squared_norm"
@@ -29,8 +29,8 @@ class FedExP(Algorithm):
     eps: float = knob(1e-3, gt=0)  # the paper's epsilon: keeps eta_g finite when the mean update vanishes
 
     def client_update(self, ctx: ClientContext, broadcast: Arrays) -> tuple[ClientUpdate, Any]:
-        from raypfl.training import make_optimizer, train_local
-        from raypfl.weights import get_flat
+        from raypfl.models.weights import get_flat
+        from raypfl.training.local import make_optimizer, train_local
 
         optimizer = make_optimizer(ctx.model.parameters(), self.optim)
         result = train_local(

@@ -199,7 +199,7 @@ class RayLauncher(Launcher):
         try:
             return ray.get(ref)
         except Exception as exc:  # the worker crashed or was killed: the job function never returned
-            from raypfl.report import write_result
+            from raypfl.tracking.report import write_result
 
             job_dir = _job_dir(config)
             job_dir.mkdir(parents=True, exist_ok=True)
