@@ -1,4 +1,4 @@
-"""Helpers of tests/test_algorithm_runtimes.py, and the one MPI job it starts.
+"""Helpers of tests/algorithms/test_algorithm_runtimes.py, and the one MPI job it starts.
 
 `quick_runs()` makes in-process test runs cheaper without touching what they compute: the plots are not
 drawn and a dataset is read from disk once per process (both cost more than three rounds of the tiny runs).

@@ -1,4 +1,4 @@
-"""User code that tests/test_registries.py names by `_target_`: model factories, dataset functions and
+"""User code that tests/data/test_registries.py names by `_target_`: model factories, dataset functions and
 partitioners, good and bad. A module of its own (no pytest, no fixtures), so that a `python -m raypfl`
 subprocess imports it as `tests.data.registry_targets` quickly."""
 
