@@ -69,7 +69,7 @@ BASE = [
 SEQ = "runtime=sequential"
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
 
-#: Why 1e-5 holds on every CPU (as tests/runtime/test_runtimes.py's CROSS_RUNTIME): every client trains with the
+#: Why 1e-5 holds on every CPU (as test_runtimes.py's CROSS_RUNTIME): every client trains with the
 #: same kernels and one thread on every runtime, so its float32 statistics are the same bits; only the
 #: float64 sums of the clients' statistics are grouped differently (per actor or rank, then the partials,
 #: vs one by one). That changes a float64 sum by ~1e-16 of itself, and a float32 weight or control variate
@@ -249,7 +249,7 @@ class HelperJob:
         }
         (out / "spec.json").write_text(json.dumps(spec))
         self.log = open(out / "job.log", "w")  # noqa: SIM115 (closed in finish)
-        script = str(REPO / "tests" / "algorithm_runs.py")
+        script = str(Path(__file__).resolve().parent / "algorithm_runs.py")
         self.proc = subprocess.Popen(
             [MPIEXEC, "-n", "2", sys.executable, script, str(out / "spec.json")],
             stdout=self.log,
@@ -488,7 +488,7 @@ def test_warm_start_on_ray_hands_over_to_the_actors(uninterrupted, ray_actors, t
 
 # --- 3. FedProx in lock-step -------------------------------------------------------------------------------
 
-#: As tests/training/test_vectorize.py claims 1 and 2 (which hold on Intel and AMD CPUs; see there): float64, one
+#: As test_vectorize.py claims 1 and 2 (which hold on Intel and AMD CPUs; see there): float64, one
 #: local epoch: the lock-step path equals the plain one to <= 1e-10; float32: a difference of summation
 #: order only, <= 1e-3 of the update.
 FLOAT64_BOUND = 1e-10

@@ -153,7 +153,7 @@ def test_ps_async_straggler_shows_in_the_staleness_statistics(async_run):
 
 
 def test_gossip_logs_consensus_and_every_node(gossip_run):
-    from tests.test_sweeps import read_offline_history
+    from tests.tracking.test_sweeps import read_offline_history
 
     rows = gossip_run.rounds
     assert all(r["consensus"] > 0 for r in rows) and rows[-1]["node_acc_min"] > 0.5

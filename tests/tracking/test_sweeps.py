@@ -20,7 +20,7 @@ from tests.conftest import CONF_DIR, REPO, make_config, sweep
 
 #: ps_sync, ps_async, allreduce and gossip run end to end in tests/paradigms/test_paradigm_runs.py
 PARADIGM_EXPERIMENTS = {"ps_sync", "ps_async", "allreduce", "gossip"}
-#: fault_dynamic and fault_kill run end to end (on Ray, with their tables) in tests/driver/test_fault_experiments.py
+#: fault_dynamic and fault_kill run end to end (on Ray, with their tables) in driver/test_fault_experiments.py
 RUN_ELSEWHERE = PARADIGM_EXPERIMENTS | {"fault_dynamic", "fault_kill"}
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml") if p.stem not in RUN_ELSEWHERE)
 SMALL = ["dataset.train_limit=1200", "dataset.test_limit=300", "model=mlp", "train.batch_size=20"]
