@@ -10,8 +10,8 @@ step is not updated (its parameters and momentum stay as they are), exactly as i
 
 Supported: SGD (with momentum, weight decay), models without buffers (no BatchNorm running stats) and
 without randomness in training (no dropout). The plain path remains the reference: in float64 both agree
-to <= 1e-10 after one local epoch; in float32 they differ by summation order only (see tests/training/test_vectorize.py
-for what that does and does not bound).
+to <= 1e-10 after one local epoch; in float32 they differ by summation order only (see
+tests/training/test_vectorize.py for what that does and does not bound).
 """
 
 from __future__ import annotations
