@@ -123,6 +123,7 @@ def capture_placement() -> Iterator[list[dict[str, Any]]]:
 def run(name: str, overrides: list[str], out_root: Path) -> dict[str, Any]:
     """One experiment; returns its placement, final accuracy, wall time and final weights."""
     from raypfl.driver.experiment import run_experiment
+
     cfg = compose_config(overrides)
     start = time.perf_counter()
     with capture_placement() as captured:
