@@ -18,6 +18,7 @@ from raypfl.config import (
     LoggerSpec,
     PartitionSpec,
     ReportSpec,
+    RunSpec,
     RuntimeSpec,
     build_spec,
     clients_spec,
@@ -32,10 +33,11 @@ from raypfl.config import (
 from raypfl.errors import ConfigError
 
 
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig) -> RunSpec:
     """Check the whole config; raise ConfigError naming the first bad key.
 
     First every key's type and range (each group's spec), then the rules that tie keys together.
+    Returns the typed run spec (`raypfl.config.RunSpec`).
     """
     from raypfl.algorithms import build_algorithm
     from raypfl.data.datasets import DATASETS
@@ -50,19 +52,19 @@ def validate(cfg: DictConfig) -> None:
         validate_paradigm,
     )
 
-    root_spec(cfg)
-    build_spec(LoggerSpec, cfg.get("logger") or {"name": "none"}, "logger")
+    root = root_spec(cfg)
+    logger = build_spec(LoggerSpec, cfg.get("logger") or {"name": "none"}, "logger")
     _validate_dataset(cfg.dataset, DATASETS)
     model = model_spec(cfg.model)  # a shipped name or a factory of the user's (`model._target_`)
     model_factory(model)  # it exists, imports, and takes the keys of model.*
     _validate_partition(cfg.partition, PARTITIONERS)
     _validate_natural(cfg, model.target)
     clients = clients_spec(cfg)
-    optim_spec(cfg)
+    optim = optim_spec(cfg)
     train = train_spec(cfg)
     if paradigm_of(cfg) == FEDERATED:  # its own knobs, checked against the algorithm class's fields
         build_algorithm(cfg)
-    build_spec(ReportSpec, cfg.get("report") or {}, "report")
+    report = build_spec(ReportSpec, cfg.get("report") or {}, "report")
     runtime = runtime_spec(cfg)
     faults = faults_spec(cfg)
     distributed_spec(cfg)
@@ -100,14 +102,16 @@ def validate(cfg: DictConfig) -> None:
             f"runtime.{key}={value}: Ray needs a fraction <= 1 or a whole number",
         )
     validate_paradigm(cfg)
+    spec = RunSpec(root, clients, train, optim, runtime, faults, logger, report)
     if paradigm_of(cfg) != FEDERATED:
-        return
+        return spec
     from raypfl.runtime.placement import PLACEMENTS
 
     require(
         runtime.placement in PLACEMENTS,
         f"runtime.placement={runtime.placement} must be one of {', '.join(PLACEMENTS)}",
     )
+    return spec
 
 
 #: Keys of a torchvision dataset's config node (conf/dataset/mnist.yaml).

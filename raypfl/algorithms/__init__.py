@@ -4,7 +4,7 @@ config: a shipped short name (`algorithm=fedadam`) or a class of the user's own 
 from __future__ import annotations
 
 from dataclasses import fields, is_dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -15,6 +15,9 @@ from raypfl.algorithms.fedopt import FedAdagrad, FedAdam, FedYogi
 from raypfl.algorithms.fedprox import FedProx
 from raypfl.algorithms.scaffold import Scaffold
 from raypfl.errors import ConfigError
+
+if TYPE_CHECKING:
+    from raypfl.config import RunSpec
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedProx, Scaffold)
@@ -91,10 +94,12 @@ def algorithm_knobs(cls: type[Algorithm], node: Any) -> dict[str, Any]:
     return data
 
 
-def build_algorithm(cfg: DictConfig) -> Algorithm:
-    """The algorithm of `algorithm.*`, with its knobs checked, bound to the run's optimizer and work."""
-    from raypfl.config import clients_spec, optim_spec, train_spec
+def build_algorithm(cfg: DictConfig, spec: RunSpec | None = None) -> Algorithm:
+    """The algorithm of `algorithm.*`, with its knobs checked, bound to the run's optimizer and work
+    (from `spec`, the config's typed run spec, if given)."""
+    from raypfl.config import run_spec
 
+    spec = spec or run_spec(cfg)
     cls = algorithm_class(cfg.algorithm)
     try:
         algorithm = cls(**algorithm_knobs(cls, cfg.algorithm))
@@ -102,5 +107,4 @@ def build_algorithm(cfg: DictConfig) -> Algorithm:
         raise
     except Exception as exc:
         raise ConfigError(f"algorithm={cfg.algorithm.get('name')}: building it failed ({exc})") from None
-    clients = clients_spec(cfg)
-    return algorithm.bind(Setting(optim_spec(cfg), train_spec(cfg), clients.num, clients.per_round))
+    return algorithm.bind(Setting(spec.optim, spec.train, spec.clients.num, spec.clients.per_round))

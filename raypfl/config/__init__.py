@@ -33,12 +33,14 @@ from raypfl.config.specs import (
     PartitionSpec,
     ReportSpec,
     RootSpec,
+    RunSpec,
     RuntimeSpec,
     TrainSpec,
     clients_spec,
     faults_spec,
     optim_spec,
     root_spec,
+    run_spec,
     runtime_spec,
     train_spec,
 )
@@ -62,6 +64,7 @@ __all__ = [
     "NO_QUORUM_ACTIONS",
     "RAY_MIN_OBJECT_STORE_MB",
     "RootSpec",
+    "RunSpec",
     "GROUPS",
     "LoadedDatasetSpec",
     "PartitionSpec",
@@ -78,4 +81,5 @@ __all__ = [
     "runtime_spec",
     "faults_spec",
     "root_spec",
+    "run_spec",
 ]

@@ -232,3 +232,36 @@ def root_spec(cfg: DictConfig) -> RootSpec:
         names = ", ".join(sorted(known | set(GROUPS)))
         raise ConfigError(f"unknown key {unknown[0]} (top-level keys: {names})")
     return build_spec(RootSpec, {k: cfg[k] for k in known if k in cfg}, "")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Every group a federated run reads, checked and typed once (`run_spec`): what the run consumes."""
+
+    root: RootSpec
+    clients: ClientsSpec
+    train: TrainSpec
+    optim: OptimSpec
+    runtime: RuntimeSpec
+    faults: FaultsSpec
+    logger: LoggerSpec
+    report: ReportSpec
+
+    @property
+    def seed(self) -> int:
+        return self.root.seed
+
+
+def run_spec(cfg: DictConfig) -> RunSpec:
+    """The typed run spec of a config (each key's type and range checked; see raypfl.validation for the
+    registries and the rules across keys)."""
+    return RunSpec(
+        root=root_spec(cfg),
+        clients=clients_spec(cfg),
+        train=train_spec(cfg),
+        optim=optim_spec(cfg),
+        runtime=runtime_spec(cfg),
+        faults=faults_spec(cfg),
+        logger=build_spec(LoggerSpec, cfg.get("logger") or {"name": "none"}, "logger"),
+        report=build_spec(ReportSpec, cfg.get("report") or {}, "report"),
+    )

@@ -15,17 +15,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from raypfl import seeding
-from raypfl.algorithms import ServerSnapshot, build_algorithm
+from raypfl.algorithms import Algorithm, ServerSnapshot, build_algorithm
 from raypfl.algorithms.aggregate import MODEL
-from raypfl.config import (
-    FaultsSpec,
-    TrainSpec,
-    clients_spec,
-    faults_spec,
-    optim_spec,
-    runtime_spec,
-    train_spec,
-)
+from raypfl.config import FaultsSpec, RunSpec, TrainSpec, run_spec
 from raypfl.data.datasets import Dataset
 from raypfl.data.load import load_data
 from raypfl.data.partitions import build_partition
@@ -61,10 +53,13 @@ def initial_snapshot(setup: FederationSetup, model: ModelSpec | str, seed: int) 
     return ServerSnapshot(0, broadcast, state)
 
 
-def build_setup(cfg: DictConfig, dataset: Dataset) -> FederationSetup:
-    """Everything the workers need, built (and checked) before any runtime starts."""
-    clients = clients_spec(cfg)
-    faults = faults_spec(cfg)
+def build_setup(
+    cfg: DictConfig, dataset: Dataset, spec: RunSpec | None = None, algorithm: Algorithm | None = None
+) -> FederationSetup:
+    """Everything the workers need, built (and checked) before any runtime starts (`spec`: the config's
+    typed run spec, `algorithm`: its algorithm, if the caller has them already)."""
+    spec = spec or run_spec(cfg)
+    clients, faults, runtime = spec.clients, spec.faults, spec.runtime
     if dataset.name == SYNTHETIC:  # the generator is the partition: each client's data is its own
         partition = SyntheticPartition(synthetic_spec(cfg.dataset), clients.num, cfg.seed)
         untouched = cfg.partition.name in ("iid", "natural") and cfg.partition.get("_target_") is None
@@ -85,8 +80,8 @@ def build_setup(cfg: DictConfig, dataset: Dataset) -> FederationSetup:
     if clients.speed == "lognormal":  # slowdown factors >= 1: a client never runs faster than the machine
         factors = seeding.rng(cfg.seed, seeding.SPEED).lognormal(0.0, clients.speed_sigma, clients.num)
         speed = np.maximum(1.0, factors)
-    algorithm = build_algorithm(cfg)
-    if runtime_spec(cfg).vectorize:
+    algorithm = algorithm or build_algorithm(cfg, spec)
+    if runtime.vectorize:
         if not algorithm.lockstep:
             raise ConfigError(
                 f"runtime.vectorize=true: algorithm={cfg.algorithm.name} has no lock-step client half"
@@ -97,18 +92,18 @@ def build_setup(cfg: DictConfig, dataset: Dataset) -> FederationSetup:
                 "rounds "
                 "(e.g. optim.persistent_state=true), which lock-step clients do not"
             )
-        check_vectorizable(probe, optim_spec(cfg))
+        check_vectorizable(probe, spec.optim)
     return FederationSetup(
         dataset=dataset,
         partition=partition,
         model=model,
         algorithm=algorithm,
         seed=cfg.seed,
-        torch_threads=runtime_spec(cfg).torch_threads,
+        torch_threads=runtime.torch_threads,
         faults=faults if faults.active else None,
         speed=speed,
-        vectorize=runtime_spec(cfg).vectorize,
-        eval_local=train_spec(cfg).eval_clients,
+        vectorize=runtime.vectorize,
+        eval_local=spec.train.eval_clients,
     )
 
 
@@ -127,18 +122,19 @@ def run_experiment(
     only serve rank 0.
     """
     out_dir = Path(out_dir)
-    train = train_spec(cfg)
-    faults = faults_spec(cfg)
-    if cfg.get("resume") and cfg.runtime.name == "mpi" and build_algorithm(cfg).stateful_clients:
+    spec = run_spec(cfg)  # every group's keys, typed once: what this run reads
+    train, faults = spec.train, spec.faults
+    algorithm = build_algorithm(cfg, spec)
+    if cfg.get("resume") and spec.runtime.name == "mpi" and algorithm.stateful_clients:
         raise ConfigError(
             f"resume={cfg.resume}: MPI ranks keep their clients' state themselves "
             f"(algorithm={cfg.algorithm.name}), so a checkpoint cannot restore it; resume with "
             "runtime=ray or runtime=sequential"
         )
     resumed = _load_resume(cfg, train)
-    runtime = build_runtime(runtime_spec(cfg))
+    runtime = build_runtime(spec.runtime)
     dataset = load_data(cfg)
-    setup = build_setup(cfg, dataset)
+    setup = build_setup(cfg, dataset, spec, algorithm)
     if resumed is None:
         initial, first_round = initial_snapshot(setup, setup.model, cfg.seed), 1
     else:
@@ -169,7 +165,7 @@ def run_experiment(
     saved = 0  # the last round checkpointed in out_dir
     try:
         runtime.start(setup, initial)
-        planner = RoundPlanner(clients_spec(cfg), faults, cfg.seed, runtime.parallelism)
+        planner = RoundPlanner(spec.clients, faults, spec.seed, runtime.parallelism)
         if resumed is not None:
             planner.load_state_dict(resumed["planner"])
             tracker.restore(resumed["rows"], resumed["client_rows"])

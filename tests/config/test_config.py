@@ -64,3 +64,15 @@ def test_unknown_group_choice_is_caught_before_hydra():
         is None
     )
     assert "unknown experiment=nope" in check_group_overrides(["+experiment=nope"])
+
+
+def test_validate_returns_the_typed_run_spec_the_run_consumes():
+    from raypfl.config import FaultsSpec, RunSpec, run_spec
+
+    cfg = make_config(
+        "faults.quorum=0.5", "runtime=ray", "optim.lr=0.02", "clients.num=7", "clients.per_round=3"
+    )
+    spec = validate(cfg)
+    assert isinstance(spec, RunSpec) and spec == run_spec(cfg)
+    assert spec.faults == FaultsSpec(quorum=0.5) and spec.optim.lr == 0.02 and spec.clients.num == 7
+    assert spec.seed == cfg.seed and spec.runtime.name == "ray"
