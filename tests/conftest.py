@@ -118,7 +118,7 @@ def sweep(out: Path, *args: str) -> subprocess.CompletedProcess:
 def fault_kill_sweep(tmp_path_factory, data_root, ray_address) -> tuple[Path, subprocess.CompletedProcess]:
     """A tiny fault_kill sweep (kill 0 or 1 of 2 actors), run ONCE for two tests.
 
-    test_fault_experiments checks the table it writes; test_sweeps checks that its two runtime=ray jobs
+    test_fault_experiments checks the table it writes, and that its two runtime=ray jobs
     (basic launcher, one after another) shared the one Ray connection the sweep made (SharedRay), here to
     the session's Ray.
     """

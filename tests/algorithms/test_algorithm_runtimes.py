@@ -57,8 +57,13 @@ ALGORITHMS = ["fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffol
 #: examples/fedexp.py, a user's algorithm outside the package (its server state starts in its first server
 #: update): it must run unchanged on Ray actors and MPI ranks, so it joins the cross-runtime checks.
 USER_ALGORITHM = "fedexp"
-CHOICE = {USER_ALGORITHM: ["algorithm=custom", "algorithm._target_=examples.fedexp.FedExP"]}
-ON_EVERY_RUNTIME = [*ALGORITHMS, USER_ALGORITHM]
+#: FedAvg on examples/my_model.py, a user's model factory: every worker builds it from the setup's spec.
+USER_MODEL = "fedavg-my-model"
+CHOICE = {
+    USER_ALGORITHM: ["algorithm=custom", "algorithm._target_=examples.fedexp.FedExP"],
+    USER_MODEL: ["algorithm=fedavg", "model._target_=examples.my_model.make_net", "+model.hidden=32"],
+}
+ON_EVERY_RUNTIME = [*ALGORITHMS, USER_ALGORITHM, USER_MODEL]
 FEDOPT = ("fedadam", "fedyogi", "fedadagrad")
 BASE = [
     "model=mlp",
@@ -188,7 +193,7 @@ def assert_not_initial(alg: str, final: Final, rounds: int, cohorts: set[int] | 
         assert np.abs(final.state["momentum"]).max() > 0
     elif alg in FEDOPT:
         assert final.state["t"] == rounds and np.abs(final.state["m"]).max() > 0
-    elif alg == "fedprox":  # nothing but the model to carry
+    elif alg == "fedprox" or alg == USER_MODEL:  # nothing but the model to carry
         assert final.state == {} and sorted(final.broadcast) == ["model"]
     elif alg == USER_ALGORITHM:  # FedExP's step size, kept as server state from its first update on
         assert final.state["eta_g"] >= 1.0 and sorted(final.broadcast) == ["model"]

@@ -78,14 +78,6 @@ def test_custom_model_trains_saves_and_is_seeded(my_net_run):
     assert np.array_equal(first, again) and not np.array_equal(first, other)
 
 
-def test_custom_model_on_ray_is_the_sequential_model(my_net_run, ray_session, tmp_path):
-    """Ray actors build the model from the setup's spec: the same model, the same result."""
-    cfg, sequential = my_net_run
-    ray = make_config(*SMALL_RUN, *MY_NET, "train.rounds=1", "runtime=ray", "runtime.num_actors=1")
-    ray_run = run_experiment(ray, tmp_path)
-    assert np.abs(ray_run.weights - sequential.weights).max() <= 1e-5
-
-
 def test_shipped_model_takes_keyword_arguments_too():
     spec = model_spec(make_config("model=mlp", "+model.hidden=[16]").model)
     assert spec == ModelSpec("mlp", None, {"hidden": [16]})

@@ -65,3 +65,20 @@ def test_fault_scaling_table_from_job_folders(tmp_path):
     assert [r["images_per_worker"] for r in table] == [40000, 20000, 10000]
     assert [r["global_acc"] for r in table] == [0.97, 0.96, 0.93] and table[0]["median_round_s"] == 3.0
     assert (tmp_path / "fault_scaling.png").exists() and (tmp_path / "fault_scaling.md").exists()
+
+
+def test_sequential_sweep_shares_one_local_ray(fault_kill_sweep):
+    """The fault_kill sweep (conftest; here, beside its other user, so that one xdist process runs it once):
+    two runtime=ray jobs on the basic launcher.
+
+    The sweep's SharedRay callback starts (here: connects to) Ray once; each job then finds it running.
+    """
+    _, proc = fault_kill_sweep
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import re
+
+    nodes = re.findall(
+        r"Ray (started for this run|already running) \((?:driver on )?node (\w+)", proc.stdout + proc.stderr
+    )
+    assert [n[0] for n in nodes] == ["already running", "already running"]  # started once, by the sweep
+    assert nodes[0][1] == nodes[1][1]

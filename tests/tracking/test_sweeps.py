@@ -236,22 +236,6 @@ def test_progress_bar_only_on_a_terminal(capsys):
     assert "/3 [" in capsys.readouterr().err  # the bar was drawn (and cleared: leave=False)
 
 
-def test_sequential_sweep_shares_one_local_ray(fault_kill_sweep):
-    """The fault_kill sweep (conftest): two runtime=ray jobs on the basic launcher.
-
-    The sweep's SharedRay callback starts (here: connects to) Ray once; each job then finds it running.
-    """
-    _, proc = fault_kill_sweep
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    import re
-
-    nodes = re.findall(
-        r"Ray (started for this run|already running) \((?:driver on )?node (\w+)", proc.stdout + proc.stderr
-    )
-    assert [n[0] for n in nodes] == ["already running", "already running"]  # started once, by the sweep
-    assert nodes[0][1] == nodes[1][1]
-
-
 @pytest.mark.slow
 def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, data_root):
     proc = sweep(
