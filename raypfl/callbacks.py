@@ -29,7 +29,7 @@ class SharedRay(Callback):
         ):
             return
         from raypfl.config import runtime_spec
-        from raypfl.runtime.ray_runtime import start_ray
+        from raypfl.runtime.ray_start import start_ray
 
         self.started = start_ray(runtime_spec(config))
 

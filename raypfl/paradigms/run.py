@@ -79,7 +79,7 @@ def run_paradigm(cfg: DictConfig, out_dir: Path, sinks: list, started: float | N
     from raypfl.data.load import load_data
     from raypfl.driver.result import RunResult
     from raypfl.models.io import save_model
-    from raypfl.runtime.ray_runtime import start_ray
+    from raypfl.runtime.ray_start import start_ray
 
     started = started or process_start_time()
     out_dir = Path(out_dir)

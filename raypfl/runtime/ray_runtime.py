@@ -36,7 +36,7 @@ from raypfl.runtime.base import (
 )
 from raypfl.runtime.parameter_server import ParameterServer
 from raypfl.runtime.placement import actor_location, describe, node_labels, scheduling_options
-from raypfl.runtime.ray_start import start_ray  # noqa: F401 (start-up lives there; kept importable)
+from raypfl.runtime.ray_start import start_ray
 from raypfl.runtime.recovery import LOST, ActorRecovery, Share, collect_shares
 from raypfl.runtime.scheduling import assign_cohort, split_range
 from raypfl.runtime.setup import FederationSetup
