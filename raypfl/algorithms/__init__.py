@@ -4,7 +4,7 @@ config: a shipped short name (`algorithm=fedadam`) or a class of the user's own 
 from __future__ import annotations
 
 from dataclasses import fields, is_dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -14,10 +14,8 @@ from raypfl.algorithms.fedavgm import FedAvgM
 from raypfl.algorithms.fedopt import FedAdagrad, FedAdam, FedYogi
 from raypfl.algorithms.fedprox import FedProx
 from raypfl.algorithms.scaffold import Scaffold
+from raypfl.config import RunSpec, check_value, run_spec
 from raypfl.errors import ConfigError
-
-if TYPE_CHECKING:
-    from raypfl.config import RunSpec
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
     cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedProx, Scaffold)
@@ -73,8 +71,6 @@ def knobs(cls: type[Algorithm]) -> list[str]:
 
 def algorithm_knobs(cls: type[Algorithm], node: Any) -> dict[str, Any]:
     """`algorithm.*` minus name/_target_, each checked against the class's field type and knob range."""
-    from raypfl.config import check_value
-
     data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
     data = {k: v for k, v in data.items() if k not in RESERVED}
     allowed = knobs(cls)
@@ -97,8 +93,6 @@ def algorithm_knobs(cls: type[Algorithm], node: Any) -> dict[str, Any]:
 def build_algorithm(cfg: DictConfig, spec: RunSpec | None = None) -> Algorithm:
     """The algorithm of `algorithm.*`, with its knobs checked, bound to the run's optimizer and work
     (from `spec`, the config's typed run spec, if given)."""
-    from raypfl.config import run_spec
-
     spec = spec or run_spec(cfg)
     cls = algorithm_class(cfg.algorithm)
     try:
