@@ -40,7 +40,7 @@ class FedAvg(Algorithm):
         return 0.0
 
     def client_weight(self, ctx: ClientContext) -> float:
-        return float(len(ctx.indices)) if self.weighting == "samples" else 1.0
+        return weight_of(ctx, self.weighting)
 
     # --- client half -----------------------------------------------------------------------------------
 
@@ -105,6 +105,11 @@ class FedAvg(Algorithm):
         step = self.server_lr * aggregate.mean(MODEL)
         model = (broadcast[MODEL].astype(np.float64) + step).astype(np.float32)
         return {**broadcast, MODEL: model}, state
+
+
+def weight_of(ctx: ClientContext, weighting: str) -> float:
+    """A client's aggregation weight: its number of training samples (`samples`) or 1 (`uniform`)."""
+    return float(len(ctx.indices)) if weighting == "samples" else 1.0
 
 
 def metrics(ctx: ClientContext, result: Any) -> dict[str, float]:

@@ -10,7 +10,7 @@ import numpy as np
 
 from raypfl.algorithms.aggregate import MODEL, Aggregate, Arrays, ClientUpdate
 from raypfl.algorithms.base import Algorithm, ClientContext
-from raypfl.algorithms.fedavg import metrics
+from raypfl.algorithms.fedavg import metrics, weight_of
 from raypfl.config import WEIGHTINGS, knob
 from raypfl.errors import ConfigError
 
@@ -85,7 +85,7 @@ class Scaffold(Algorithm):
         c_i_new = (c_i.astype(np.float64) - c + (x.astype(np.float64) - y) / (steps * self.optim.lr)).astype(
             np.float32
         )
-        weight = float(len(ctx.indices)) if self.weighting == "samples" else 1.0
+        weight = weight_of(ctx, self.weighting)
         update = ClientUpdate(
             ctx.client,
             {MODEL: y - x, CONTROL: c_i_new - c_i},
