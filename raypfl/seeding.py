@@ -17,6 +17,8 @@ KILL = 7
 SYNTHETIC = 8  # dataset=synthetic: client sizes, generating models, samples
 GOSSIP = 9  # random gossip topologies
 SHARD = 10  # batch order of a worker or node in the non-federated paradigms
+HOLDOUT = 11  # each client's held-out test samples (partition.client_test_fraction)
+PARTIAL = 12  # which clients of a cohort do partial work, and how much (clients.partial_work_fraction)
 
 
 def derive_seed(root: int, tag: int, *keys: int) -> int:

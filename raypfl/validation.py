@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from raypfl.config import (
+    ClientsSpec,
     FaultsSpec,
     LoadedDatasetSpec,
     LoggerSpec,
@@ -20,7 +21,9 @@ from raypfl.config import (
     ReportSpec,
     RunSpec,
     RuntimeSpec,
+    TrainSpec,
     build_spec,
+    check_value,
     clients_spec,
     faults_spec,
     optim_spec,
@@ -62,6 +65,7 @@ def validate(cfg: DictConfig) -> RunSpec:
     clients = clients_spec(cfg)
     optim = optim_spec(cfg)
     train = train_spec(cfg)
+    _validate_client_tests(cfg, train)
     if paradigm_of(cfg) == FEDERATED:  # its own knobs, checked against the algorithm class's fields
         build_algorithm(cfg)
     report = build_spec(ReportSpec, cfg.get("report") or {}, "report")
@@ -88,6 +92,7 @@ def validate(cfg: DictConfig) -> RunSpec:
             clients.joined_by(1) >= 1, "clients.join_schedule must let at least one client join at round 1"
         )
     _validate_faults(faults, runtime)
+    _validate_partial_work(clients, train, faults)
     if runtime.vectorize:
         require(
             not faults.active and clients.speed == "uniform" and not runtime.rebuild_model,
@@ -146,7 +151,7 @@ def _validate_dataset(node: DictConfig, datasets: tuple[str, ...]) -> None:
 def _validate_partition(node: DictConfig, partitioners: Mapping[str, Any]) -> None:
     """`partition.*`: the partitioner exists and takes the knobs given, each of the right type and range;
     a function of the user's (`partition._target_`) imports and takes the keys given."""
-    from raypfl.data.partitions import _knob_names, check_partition_target
+    from raypfl.data.partitions import RESERVED, _knob_names, check_partition_target
 
     if node.get("_target_") is not None:
         check_partition_target(node._target_, node)
@@ -156,7 +161,7 @@ def _validate_partition(node: DictConfig, partitioners: Mapping[str, Any]) -> No
         f"unknown partition={node.name} (choose from: {', '.join(partitioners)})",
     )
     allowed = _knob_names(partitioners[node.name])
-    unknown = sorted(set(map(str, node)) - {"name", "_target_", *allowed})
+    unknown = sorted(set(map(str, node)) - {*RESERVED, *allowed})
     require(
         not unknown,
         f"unknown key partition.{unknown[0] if unknown else ''} for partition={node.name} "
@@ -198,6 +203,50 @@ def _validate_natural(cfg: DictConfig, model_target: str | None) -> None:
         raise ConfigError(
             f"partition=natural needs paradigm=federated (paradigm={paradigm} has its own shards)"
         )
+
+
+def _validate_client_tests(cfg: DictConfig, train: TrainSpec) -> None:
+    """`partition.client_test_fraction` (held-out data per client) and `train.eval_clients_every` (which
+    tests on it): a fraction in (0, 1), on a partition whose clients keep their data, in a federated run."""
+    from raypfl.paradigms.spec import FEDERATED, paradigm_of
+
+    key = "partition.client_test_fraction"
+    fraction = cfg.partition.get("client_test_fraction")
+    if fraction is not None:
+        check_value(PartitionSpec, "client_test_fraction", fraction, key)
+        require(
+            cfg.partition.get("_target_") is not None or cfg.partition.name != "fresh_slices",
+            f"{key}={fraction}: partition=fresh_slices gives clients new samples every round, so a client "
+            "has no fixed data to hold out from; choose another partition",
+        )
+        require(
+            paradigm_of(cfg) == FEDERATED,
+            f"{key}={fraction} needs paradigm=federated (paradigm={paradigm_of(cfg)} has no clients)",
+        )
+    require(
+        not train.eval_clients_every or fraction is not None,
+        f"train.eval_clients_every={train.eval_clients_every} tests every client on its own held-out data: "
+        f"set {key} (e.g. 0.2)",
+    )
+
+
+def _validate_partial_work(clients: ClientsSpec, train: TrainSpec, faults: FaultsSpec) -> None:
+    """`clients.partial_work_fraction`: stragglers do 1..E-1 epochs (or steps), so E must be >= 2, and the
+    load balancer (which also sets each client's work) must be off."""
+    if not clients.partial_work_fraction:
+        return
+    key = f"clients.partial_work_fraction={clients.partial_work_fraction}"
+    work = ("train.local_steps", train.local_steps)
+    if train.local_steps is None:
+        work = ("train.local_epochs", train.local_epochs)
+    require(
+        work[1] >= 2,
+        f"{key}: a straggler does 1..E-1 local epochs (steps) out of E={work[0]}={work[1]}; set E >= 2",
+    )
+    require(
+        faults.balance == "none",
+        f"{key} does not combine with faults.balance={faults.balance} (both set each client's local work)",
+    )
 
 
 def _validate_faults(faults: FaultsSpec, runtime: RuntimeSpec) -> None:

@@ -9,16 +9,33 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from raypfl.algorithms.base import Algorithm, ClientContext, ServerSnapshot, Setting, missing_halves
+from raypfl.algorithms.ditto import Ditto
 from raypfl.algorithms.fedavg import FedAvg
 from raypfl.algorithms.fedavgm import FedAvgM
+from raypfl.algorithms.fednova import FedNova
 from raypfl.algorithms.fedopt import FedAdagrad, FedAdam, FedYogi
+from raypfl.algorithms.fedper import FedPer
 from raypfl.algorithms.fedprox import FedProx
+from raypfl.algorithms.qffl import QFFL
 from raypfl.algorithms.scaffold import Scaffold
 from raypfl.config import RunSpec, check_value, run_spec
 from raypfl.errors import ConfigError
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (FedAvg, FedAvgM, FedAdam, FedYogi, FedAdagrad, FedProx, Scaffold)
+    cls.name: cls
+    for cls in (
+        FedAvg,
+        FedAvgM,
+        FedAdam,
+        FedYogi,
+        FedAdagrad,
+        FedProx,
+        Scaffold,
+        FedNova,
+        QFFL,
+        Ditto,
+        FedPer,
+    )
 }
 #: Keys of `algorithm.*` that are not knobs: the short name (a label for a `_target_`) and the target.
 RESERVED = ("name", "_target_")

@@ -133,6 +133,27 @@ class Algorithm:
         """`client_update` for many clients at once, in lock-step; see `raypfl.training.lockstep`."""
         raise NotImplementedError
 
+    # --- personalization -------------------------------------------------------------------------------
+
+    @property
+    def personalized(self) -> bool:
+        """True if clients have personal models (the class overrides `personal_model`)."""
+        return type(self).personal_model is not Algorithm.personal_model
+
+    def personal_model(self, state: Any, broadcast: Arrays) -> np.ndarray | None:
+        """A client's personal model (flat float32 weights) from its state and the latest broadcast.
+
+        `state` is what `client_update` last returned for the client (None if it never trained). None
+        means the algorithm has no personal models: the client is served the global model. Per-client
+        evaluation (`train.eval_clients_every`) tests both.
+        """
+        return None
+
+    def check_model(self, model: nn.Module) -> None:
+        """Raise ConfigError if the algorithm's knobs do not fit the run's model (e.g. a layer name that
+        does not exist). Called once with a built model before any runtime starts; whatever it derives
+        from the model (e.g. index masks) travels with the algorithm to every worker."""
+
 
 def missing_halves(cls: type) -> list[str]:
     """The halves (`client_update`, `server_update`) a class does not implement."""

@@ -25,6 +25,7 @@ MPI_MODES = ("server", "allgather")
 SPEEDS = ("uniform", "lognormal")
 BALANCE_RULES = ("none", "aimd", "steps")
 NO_QUORUM_ACTIONS = ("fail", "skip")
+PARTIAL_WORK_POLICIES = ("drop", "keep")
 #: Ray refuses a smaller object store (ray._private.ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES, 75 MiB).
 RAY_MIN_OBJECT_STORE_MB = 75
 
@@ -71,6 +72,8 @@ class PartitionSpec:
     max_size: int = knob(2000, ge=1)  # quantity_skew
     k: int = knob(2, ge=1)  # shards
     slice_size: int = knob(50, ge=1)  # fresh_slices
+    # every partitioner: hold out this fraction of each client's samples as its own test set
+    client_test_fraction: float | None = knob(None, gt=0, lt=1, null="no per-client test sets")
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,8 @@ class TrainSpec:
     # test each client's local model on the first N test images (0: off)
     eval_clients: int = knob(0, ge=0, expect="a number of test images", note="0: off")
     checkpoint_every: int = knob(1, ge=0)  # write checkpoint.pkl every N rounds (0: never)
+    # evaluate every client on its held-out data (partition.client_test_fraction) every N rounds (0: off)
+    eval_clients_every: int = knob(0, ge=0, note="0: off")
 
 
 @dataclass(frozen=True)
@@ -130,6 +135,10 @@ class ClientsSpec:
     join_schedule: dict[int, int] | None = knob(
         None, expect="a mapping {round: clients joining then}, e.g. {1: 4, 2: 2}", null="all at round 1"
     )
+    # systems heterogeneity as in FedProx: this fraction of each cohort does fewer than E local epochs
+    partial_work_fraction: float = knob(0.0, ge=0, le=1)
+    # drop: their updates are discarded (FedAvg in the FedProx paper) | keep: their partial updates count
+    partial_work_policy: str = knob("drop", choices=PARTIAL_WORK_POLICIES)
 
     def joined_by(self, round_idx: int) -> int:
         """How many clients (ids 0..n-1) have joined the federation by `round_idx`."""

@@ -29,7 +29,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from raypfl.data.registry import RESERVED, accepts, check_arguments, locate, node_dict, reason
+from raypfl.data.registry import RESERVED as _TARGET_KEYS
+from raypfl.data.registry import accepts, check_arguments, locate, node_dict, reason
 from raypfl.errors import ConfigError
 from raypfl.seeding import PARTITION, rng
 
@@ -38,9 +39,14 @@ __all__ = [
     "FreshSlicePartition",
     "Partition",
     "StaticPartition",
+    "RESERVED",
     "build_partition",
     "check_partition_target",
 ]
+
+#: Keys of `partition.*` that no partitioner takes: its name, a function of the user's, and the held-out
+#: fraction every partition may have (applied after partitioning, raypfl.data.holdout).
+RESERVED = (*_TARGET_KEYS, "client_test_fraction")
 
 _DIRICHLET_TRIES = 100
 

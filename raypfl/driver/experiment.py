@@ -7,7 +7,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +19,12 @@ from raypfl.algorithms import Algorithm, ServerSnapshot, build_algorithm
 from raypfl.algorithms.aggregate import MODEL
 from raypfl.config import FaultsSpec, RunSpec, TrainSpec, run_spec
 from raypfl.data.datasets import Dataset
+from raypfl.data.holdout import hold_out
 from raypfl.data.load import load_data
 from raypfl.data.partitions import build_partition
 from raypfl.data.synthetic import NAME as SYNTHETIC
 from raypfl.data.synthetic import SyntheticPartition, synthetic_spec
+from raypfl.driver import client_eval
 from raypfl.driver.planning import RoundPlanner
 from raypfl.driver.result import RunResult
 from raypfl.errors import ConfigError, RunStopped
@@ -38,7 +40,7 @@ from raypfl.jobs.checkpoint import (
 from raypfl.models.io import initial_weights, save_model
 from raypfl.models.zoo import ModelSpec, check_model, model_spec
 from raypfl.runtime import Runtime, build_runtime
-from raypfl.runtime.base import ANSWERED, Evaluation, RoundPlan, RoundResult
+from raypfl.runtime.base import ANSWERED, Evaluation, RoundPlan, RoundResult, work_amount
 from raypfl.runtime.setup import FederationSetup
 from raypfl.tracking.sinks import build_sinks
 from raypfl.tracking.tracker import RunTracker
@@ -72,6 +74,7 @@ def build_setup(
         partition = build_partition(
             cfg.partition.name, cfg.partition, dataset.train_y, clients.num, cfg.seed, dataset.client_ids
         )
+    partition = hold_out(partition, cfg.partition.get("client_test_fraction"), cfg.seed)
     model = model_spec(cfg.model)
     # built once here, so that a factory that fails or returns no usable model stops the run before any
     # runtime starts (not in every worker); checked on two test samples
@@ -81,6 +84,7 @@ def build_setup(
         factors = seeding.rng(cfg.seed, seeding.SPEED).lognormal(0.0, clients.speed_sigma, clients.num)
         speed = np.maximum(1.0, factors)
     algorithm = algorithm or build_algorithm(cfg, spec)
+    algorithm.check_model(probe)  # e.g. FedPer's layer names; what it derives travels with it
     if runtime.vectorize:
         if not algorithm.lockstep:
             raise ConfigError(
@@ -165,7 +169,8 @@ def run_experiment(
     saved = 0  # the last round checkpointed in out_dir
     try:
         runtime.start(setup, initial)
-        planner = RoundPlanner(spec.clients, faults, spec.seed, runtime.parallelism)
+        planner = RoundPlanner(spec.clients, faults, spec.seed, runtime.parallelism, train)
+        everyone = list(range(setup.partition.num_clients))
         if resumed is not None:
             planner.load_state_dict(resumed["planner"])
             tracker.restore(resumed["rows"], resumed["client_rows"])
@@ -178,7 +183,7 @@ def run_experiment(
                 return
             done, pending = pending, None
             row, result, ended = done.finish()
-            tracker.log_round(row, result.client_metrics, ended)
+            tracker.log_round(row, done.client_rows(), ended)
             round_idx = row["round"]
             every = train.checkpoint_every
             if (every and (round_idx % every == 0 or round_idx == train.rounds)) or not result.quorum_met:
@@ -197,6 +202,8 @@ def run_experiment(
             # the previous round settles (evaluation in, row logged) once this round's clients are training
             pending = start_round(runtime, plan, evaluate, broadcast_bytes, on_submitted=settle)
             planner.observe(round_idx, pending.result)
+            if client_eval.due(round_idx, train.eval_clients_every, train.rounds):
+                pending.client_eval = runtime.evaluate_clients(everyone, planner.client_states)
         settle()
         final = runtime.server_snapshot()
         weights = final.model
@@ -311,6 +318,17 @@ class PendingRound:
     trained: float
     evaluation: Callable[[], Evaluation] | None
     broadcast_bytes: int
+    client_eval: list[dict] = field(default_factory=list)  # per-client evaluation rows (if due)
+
+    def client_rows(self) -> list[dict]:
+        """The round's clients.csv rows: the cohort's, dropped stragglers', and a per-client evaluation's."""
+        dropped = [
+            {"round": self.plan.round_idx, "client": c, "status": "straggler", "accepted": False}
+            | {"work": work_amount(work), "attempts": 0}
+            for c, work in sorted(self.plan.dropped.items())
+        ]
+        evaluated = client_eval.client_rows(self.plan.round_idx, self.client_eval)
+        return [*self.result.client_metrics, *dropped, *evaluated]
 
     def finish(self) -> tuple[dict, RoundResult, float]:
         """Wait for the evaluation; return the round's metrics row, its result and when it ended (epoch s)."""
@@ -373,11 +391,14 @@ def round_row(pending: PendingRound, evaluation: Evaluation | None, done: float)
         "comm_s": round(max(0.0, train_s - result.compute_s - result.aggregate_s), 4),
         "aggregate_s": round(result.aggregate_s, 4),
         "eval_s": round(done - pending.trained, 4),
-        # the broadcast to each client of the cohort; the statistics of each client that answered
-        "bytes_down": pending.broadcast_bytes * len(plan.cohort),
+        # the broadcast to each client of the cohort (dropped stragglers too); the statistics of each client
+        # that answered
+        "bytes_down": pending.broadcast_bytes * (len(plan.cohort) + len(plan.dropped)),
         "bytes_up": sum(
             int(m.get("bytes_up") or 0) for m in result.client_metrics if m["status"] in ANSWERED
         ),
+        "partial_work": plan.partial,
+        **client_eval.summarize(pending.client_eval),
     }
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from raypfl.config import ClientsSpec, FaultsSpec
+from raypfl.config import ClientsSpec, FaultsSpec, TrainSpec
 from raypfl.driver.balancing import WorkloadBalancer
 from raypfl.driver.membership import Membership
+from raypfl.driver.partial_work import stragglers
 from raypfl.driver.selection import CohortSampler
 from raypfl.runtime.base import RoundPlan, RoundResult
 
@@ -18,7 +19,15 @@ class RoundPlanner:
     rounds the uninterrupted run would have. (The sampler itself keeps no state: it is seeded per round.)
     """
 
-    def __init__(self, clients: ClientsSpec, faults: FaultsSpec, seed: int, parallelism: int):
+    def __init__(
+        self,
+        clients: ClientsSpec,
+        faults: FaultsSpec,
+        seed: int,
+        parallelism: int,
+        train: TrainSpec | None = None,
+    ):
+        self.clients, self.train, self.seed = clients, train or TrainSpec(), seed
         self.sampler = CohortSampler(clients, seed)
         self.membership = Membership(clients, faults.evict_after)
         self.balancer = WorkloadBalancer(faults if faults.active else None, parallelism)
@@ -26,8 +35,16 @@ class RoundPlanner:
 
     def plan(self, round_idx: int) -> RoundPlan:
         cohort = self.sampler.cohort(round_idx, self.membership.eligible_view(round_idx))
+        work = self.balancer.work(cohort)
+        partial = stragglers(self.clients, self.train, self.seed, round_idx, cohort)
+        dropped: dict[int, dict[str, int]] = {}
+        if self.clients.partial_work_policy == "drop":
+            dropped = partial  # they are not waited for: the round's cohort is the rest
+            cohort = [c for c in cohort if c not in partial]
+        else:
+            work.update(partial)
         states = {c: self.client_states[c] for c in cohort if c in self.client_states}
-        return RoundPlan(round_idx, cohort, self.balancer.work(cohort), states)
+        return RoundPlan(round_idx, cohort, work, states, dropped, len(partial))
 
     def observe(self, round_idx: int, result: RoundResult) -> None:
         """Learn from a finished round: new client states, answer times, failures."""

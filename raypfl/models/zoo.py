@@ -216,6 +216,33 @@ class NarrowCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+class LeNet(nn.Module):
+    """The small CNN of NIID-Bench (Li et al. 2022, "Federated Learning on Non-IID Data Silos"), LeNet-5
+    style: conv 6 and conv 16 (5x5, each followed by ReLU and 2x2 max-pooling), then FC 120, 84, out."""
+
+    def __init__(self, in_shape: tuple[int, ...], num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(_channels(in_shape), 6, kernel_size=5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(6, 16, kernel_size=5),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(_flat_size(self.features, in_shape), 120),
+            nn.ReLU(),
+            nn.Linear(120, 84),
+            nn.ReLU(),
+            nn.Linear(84, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
 MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
     "mlp": MLP,
     "cnn": CNN,
@@ -225,6 +252,7 @@ MODELS: dict[str, Callable[[tuple[int, ...], int], nn.Module]] = {
     "narrow_cnn": NarrowCNN,
     "deep_mlp": DeepMLP,
     "logreg": LogReg,
+    "lenet": LeNet,
 }
 
 

@@ -21,6 +21,9 @@ class RoundPlan:
     cohort: list[int]
     work: dict[int, dict[str, Any]] = field(default_factory=dict)  # client -> train.* overrides
     states: dict[int, Any] = field(default_factory=dict)  # client -> its state (stateful algorithms)
+    # stragglers left out of the cohort (clients.partial_work_policy=drop): client -> the work they managed
+    dropped: dict[int, dict[str, Any]] = field(default_factory=dict)
+    partial: int = 0  # how many of the selected clients do partial work (kept or dropped)
 
 
 @dataclass
@@ -92,6 +95,10 @@ class Runtime(Protocol):
 
     def evaluate(self) -> Evaluation:
         """The latest global model on the test set."""
+
+    def evaluate_clients(self, clients: list[int], states: dict[int, Any]) -> list[dict[str, Any]]:
+        """Each client's held-out data tested on the latest global model and (for personalized algorithms)
+        on its personal model, from `states` (the driver's copies; MPI ranks use their own)."""
 
     def global_weights(self) -> np.ndarray:
         """The latest global model (a copy in the driver)."""

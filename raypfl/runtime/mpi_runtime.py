@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -91,8 +92,8 @@ class MPIRuntime:
 
     def run_round(self, plan: RoundPlan, on_submitted: Callable[[], None] | None = None) -> RoundResult:
         notify(on_submitted)
-        self.comm.bcast(("round", plan.round_idx, list(plan.cohort)), root=0)
-        return self._round(plan.round_idx, plan.cohort)
+        self.comm.bcast(("round", plan.round_idx, list(plan.cohort), dict(plan.work)), root=0)
+        return self._round(plan.round_idx, plan.cohort, plan.work)
 
     @property
     def version(self) -> int:
@@ -102,6 +103,11 @@ class MPIRuntime:
     def evaluate(self) -> Evaluation:
         self.comm.bcast(("evaluate",), root=0)
         return self._evaluate()
+
+    def evaluate_clients(self, clients: list[int], states: dict[int, Any]) -> list[dict[str, Any]]:
+        """Every rank tests its share of `clients` (their states live there: `states` is not used)."""
+        self.comm.bcast(("evaluate_clients", list(clients)), root=0)
+        return self._evaluate_clients(list(clients))
 
     def global_weights(self) -> np.ndarray:
         return self.broadcast[MODEL].copy()
@@ -121,9 +127,11 @@ class MPIRuntime:
         while True:
             command = self.comm.bcast(None, root=0)
             if command[0] == "round":
-                self._round(command[1], command[2])
+                self._round(command[1], command[2], command[3])
             elif command[0] == "evaluate":
                 self._evaluate()
+            elif command[0] == "evaluate_clients":
+                self._evaluate_clients(command[1])
             else:
                 return
 
@@ -136,12 +144,13 @@ class MPIRuntime:
             for name in sorted(self.broadcast):
                 self.comm.Bcast(self.broadcast[name], root=0)
 
-    def _round(self, round_idx: int, cohort: list[int]) -> RoundResult | None:
+    def _round(self, round_idx: int, cohort: list[int], work: dict[int, dict]) -> RoundResult | None:
         self._sync_weights()
         mine = assign_cohort(cohort, [self.setup.partition.size(c) for c in cohort], self.size, self.sticky)[
             self.rank
         ]
-        partial, metrics, _ = self.worker.train_cohort(self.broadcast, round_idx, mine)  # states stay here
+        # the clients' states stay on this rank
+        partial, metrics, _ = self.worker.train_cohort(self.broadcast, round_idx, mine, work)
         shapes = {name: total.shape for name, total in partial.totals.items()}
         # the small part first, to every rank: then each knows every statistic's name and shape
         metas = self.comm.allgather(
@@ -196,6 +205,21 @@ class MPIRuntime:
             )
         if self.is_driver:
             log.debug("allgather: %d replicas identical (%s)", self.size, digest[:12])
+
+    def _evaluate_clients(self, clients: list[int]) -> list[dict[str, Any]] | None:
+        """This rank's share of a per-client evaluation: the clients it trains (their state is here) when
+        clients keep state, else an even slice; gathered on rank 0 in client order."""
+        self._sync_weights()
+        if self.sticky:
+            mine = [c for c in clients if c % self.size == self.rank]
+        else:
+            ranges = split_range(len(clients), self.size)
+            start, stop = ranges[self.rank] if self.rank < len(ranges) else (0, 0)
+            mine = clients[start:stop]
+        parts = self.comm.gather(self.worker.evaluate_clients(self.broadcast, mine), root=0)
+        if not self.is_driver:
+            return None
+        return sorted((row for part in parts for row in part), key=lambda row: row["client"])
 
     def _evaluate(self) -> Evaluation | None:
         self._sync_weights()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -67,6 +68,10 @@ class SequentialRuntime:
     def evaluate(self) -> Evaluation:
         _, broadcast = self.server.pull_latest()
         return combine_evaluations([self.worker.evaluate(broadcast, 0, len(self.worker.test_y))])
+
+    def evaluate_clients(self, clients: list[int], states: dict[int, Any]) -> list[dict[str, Any]]:
+        _, broadcast = self.server.pull_latest()
+        return self.worker.evaluate_clients(broadcast, clients, states)
 
     def global_weights(self) -> np.ndarray:
         return self.server.pull_latest()[1][MODEL].copy()

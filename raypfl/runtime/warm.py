@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -122,6 +123,11 @@ class WarmStart:
             done = self.local.evaluate()
             return lambda: done
         return self.pool.evaluate_async()
+
+    def evaluate_clients(self, clients: list[int], states: dict[int, Any]) -> list[dict[str, Any]]:
+        if self.local is not None:
+            return self.local.evaluate_clients(clients, states)
+        return self.pool.evaluate_clients(clients, states)
 
     def global_weights(self) -> np.ndarray:
         return self.local.global_weights() if self.local is not None else self.pool.global_weights()

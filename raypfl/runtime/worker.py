@@ -249,6 +249,37 @@ class ClientWorker:
         x, y = generate(client, round_idx)
         return shared_tensor(x), shared_tensor(y), np.arange(len(y), dtype=np.int64)
 
+    def client_test_data(self, client: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of one client's held-out samples (`partition.client_test_fraction`)."""
+        partition = self.setup.partition
+        generate = getattr(partition, "client_test_data", None)
+        if generate is not None:
+            x, y = generate(client)
+            return shared_tensor(x), shared_tensor(y)
+        held = torch.from_numpy(np.asarray(partition.test_indices(client), dtype=np.int64))
+        return self.x[held], self.y[held]
+
+    def evaluate_clients(
+        self, broadcast: Arrays, clients: list[int], states: dict[int, Any] | None = None
+    ) -> list[dict[str, Any]]:
+        """Test each client on its held-out data: the global model and, if the algorithm has them, the
+        client's personal model (from its state: `states`, else this worker's own copies)."""
+        states = self.client_states if states is None else states
+        rows = []
+        for client in clients:
+            x, y = self.client_test_data(client)
+            set_flat(self.model, broadcast[MODEL])
+            loss, correct, count = evaluate(self.model, x, y)
+            row = {"client": client, "eval_samples": count, "eval_acc": correct / max(count, 1)}
+            row["eval_loss"] = loss / max(count, 1)
+            personal = self.algorithm.personal_model(states.get(client), broadcast)
+            if personal is not None:
+                set_flat(self.model, personal)
+                loss, correct, count = evaluate(self.model, x, y)
+                row.update(personal_acc=correct / max(count, 1), personal_loss=loss / max(count, 1))
+            rows.append(row)
+        return rows
+
     def _slow_down(self, client: int, round_idx: int, compute_s: float) -> bool:
         """Sleep `(speed factor - 1) * compute` for a slow client; False if the round was cancelled."""
         if self.setup.speed is None:

@@ -36,11 +36,22 @@ METRIC_COLUMNS = [
     "wall_s",
     "bytes_down",
     "bytes_up",
+    "partial_work",  # clients of the cohort doing partial work (clients.partial_work_fraction)
+    # per-client evaluation (train.eval_clients_every): client accuracy of the global model and of the
+    # personal models: mean, mean of the worst 10% of clients, standard deviation
+    "client_acc_mean",
+    "client_acc_worst10",
+    "client_acc_std",
+    "personal_acc_mean",
+    "personal_acc_worst10",
+    "personal_acc_std",
 ]
 CLIENT_COLUMNS = [
     "round",
     "client",
-    "status",  # ok | rejected (NaN/Inf) | late | dropped | failed | cancelled
+    # ok | rejected (NaN/Inf) | late | dropped | failed | cancelled | straggler (partial work, dropped)
+    # | eval (a per-client evaluation: eval_* and personal_* columns)
+    "status",
     "actor",
     "work",  # local epochs or steps assigned by the load balancer ("" when not balancing)
     "samples",
@@ -53,6 +64,11 @@ CLIENT_COLUMNS = [
     "seconds",  # the client's own training (+ straggler sleep) time
     "rtt_s",  # weights sent -> update received, as the driver saw it
     "bytes_up",  # the size of the statistics the client sent
+    "eval_samples",  # per-client evaluation: the client's held-out samples
+    "eval_acc",  # the global model on them
+    "eval_loss",
+    "personal_acc",  # the client's personal model on them (personalized algorithms)
+    "personal_loss",
 ]
 
 

@@ -64,12 +64,14 @@ def flatten_result(result) -> dict[str, np.ndarray]:
     arrays.update({f"broadcast/{k}": v for k, v in result.server.broadcast.items()})
     arrays.update({f"state/{k}": np.asarray(v) for k, v in result.server.state.items()})
     arrays.update({f"client/{k}": np.asarray(v) for k, v in result.client_states.items()})
+    last = result.rounds[-1]  # the per-client evaluation's summary, if the run had one
+    arrays.update({f"row/{k}": np.asarray(v) for k, v in last.items() if k.endswith(("_mean", "_worst10"))})
     return arrays
 
 
 def unflatten(arrays) -> dict[str, dict]:
     """`flatten_result`'s arrays back: {"weights": w, "broadcast": {...}, "state": {...}, "client": {...}}."""
-    out: dict[str, dict] = {"broadcast": {}, "state": {}, "client": {}}
+    out: dict[str, dict] = {"broadcast": {}, "state": {}, "client": {}, "row": {}}
     for key in arrays:
         group, _, name = key.partition("/")
         if group == "weights":

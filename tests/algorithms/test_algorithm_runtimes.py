@@ -53,7 +53,14 @@ from raypfl.training.lockstep import ClientJob, train_lockstep
 from tests.algorithms.algorithm_runs import quick_runs, unflatten
 from tests.conftest import REPO, make_config
 
-ALGORITHMS = ["fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold"]
+ALGORITHMS = [
+    "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold",
+    "fednova", "qffl", "ditto", "fedper",
+]  # fmt: skip
+#: Clients' personal models (client state); with every client tested on its held-out data after round 3
+#: (and 6), global and personal model, on every runtime.
+PERSONAL = ("ditto", "fedper")
+HELD_OUT = ["partition.client_test_fraction=0.2", "train.eval_clients_every=3"]
 #: examples/fedexp.py, a user's algorithm outside the package (its server state starts in its first server
 #: update): it must run unchanged on Ray actors and MPI ranks, so it joins the cross-runtime checks.
 USER_ALGORITHM = "fedexp"
@@ -91,7 +98,8 @@ CROSS_RUNTIME = 1e-5
 
 
 def args(alg: str, *extra: str) -> list[str]:
-    return [*BASE, *CHOICE.get(alg, [f"algorithm={alg}"]), *extra]
+    held_out = HELD_OUT if alg in PERSONAL else []
+    return [*BASE, *CHOICE.get(alg, [f"algorithm={alg}"]), *held_out, *extra]
 
 
 def crash_args(alg: str) -> list[str]:
@@ -193,10 +201,16 @@ def assert_not_initial(alg: str, final: Final, rounds: int, cohorts: set[int] | 
         assert np.abs(final.state["momentum"]).max() > 0
     elif alg in FEDOPT:
         assert final.state["t"] == rounds and np.abs(final.state["m"]).max() > 0
-    elif alg == "fedprox" or alg == USER_MODEL:  # nothing but the model to carry
+    elif alg in ("fedprox", "fednova", "qffl", USER_MODEL):  # nothing but the model to carry
         assert final.state == {} and sorted(final.broadcast) == ["model"]
     elif alg == USER_ALGORITHM:  # FedExP's step size, kept as server state from its first update on
         assert final.state["eta_g"] >= 1.0 and sorted(final.broadcast) == ["model"]
+    elif alg in PERSONAL:  # every client that trained has its personal model (Ditto) or layers (FedPer)
+        assert final.state == {} and sorted(final.broadcast) == ["model"]
+        if cohorts is not None:
+            assert final.clients is not None and sorted(final.clients) == sorted(cohorts)
+            size = final.broadcast["model"].size
+            assert all(0 < c.size <= size and np.isfinite(c).all() for c in final.clients.values())
     elif alg == "scaffold":
         assert np.abs(final.broadcast["control"]).max() > 0 and final.state == {}
         if cohorts is not None:  # every client that trained has its c_i, none is zero
@@ -299,10 +313,17 @@ class HelperJob:
         return json.loads(report.read_text())["returncode"], self.out / alg
 
     def mpi(self, alg: str) -> Final:
+        return Final.of_arrays(self._arrays(alg))
+
+    def mpi_row(self, alg: str) -> dict:
+        """The MPI run's last metrics row's per-client evaluation summary."""
+        return unflatten(self._arrays(alg))["row"]
+
+    def _arrays(self, alg: str) -> dict:
         self.wait()
         assert self.returncode == 0, self.tail()
         with np.load(self.out / f"mpi-{alg}.npz") as arrays:
-            return Final.of_arrays({k: arrays[k] for k in arrays.files})
+            return {k: arrays[k] for k in arrays.files}
 
 
 @pytest.fixture(scope="module")
@@ -425,7 +446,7 @@ def test_ray_gives_the_sequential_model_and_state(alg, uninterrupted, ray_result
     assert_not_initial(alg, sequential, 3)
     result, client_rows = ray_results(alg)
     assert [r["clients"] for r in result.rounds] == [4, 4, 4]
-    assert {r["actor"] for r in client_rows} == {0, 1}  # both actors trained: partials were summed
+    assert {r["actor"] for r in client_rows if r["status"] != "eval"} == {0, 1}  # partials were summed
     found = assert_close(Final.of_result(result), sequential, "ray vs sequential")
     print(alg, "ray vs sequential", max(found.values()))
 
@@ -583,6 +604,34 @@ def test_mpi_gives_the_sequential_and_ray_model_and_state(alg, uninterrupted, ra
     print(alg, "mpi vs sequential", max(found.values()), "ray vs mpi", max(found_ray.values()))
 
 
+def summary(row: dict) -> dict:
+    """A metrics row's per-client evaluation figures (means and worst 10%, global and personal)."""
+    return {k: float(v) for k, v in row.items() if k.endswith(("acc_mean", "acc_worst10")) and v != ""}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("alg", PERSONAL)
+def test_every_runtime_scores_the_clients_and_their_personal_models_alike(
+    alg, uninterrupted, ray_results, helper_job
+):
+    """After round 3 each client's held-out data is scored with the global model and its personal model:
+    in the driver (sequential), split over the Ray actors (with the driver's client states), and over the
+    MPI ranks (each with the states of the clients it trained). The models agree to float summation order
+    (above; measured equal), so the scores agree unless a held-out sample sits on a decision boundary
+    within that: at most one sample of one client (~1/(8 x 30) of a mean), allowed here."""
+    sequential = summary(uninterrupted(alg).result.rounds[2])
+    assert set(sequential) == {f"{m}_acc_{s}" for m in ("client", "personal") for s in ("mean", "worst10")}
+    if alg == "fedper":  # the personal layers matter: the global model's head was never trained
+        assert sequential["personal_acc_mean"] > sequential["client_acc_mean"] + 0.1
+    ray = summary(ray_results(alg)[0].rounds[2])
+    mpi = {k: float(v) for k, v in helper_job.mpi_row(alg).items()}
+    for name, other in (("ray", ray), ("mpi", mpi)):
+        assert set(other) == set(sequential), name
+        gaps = {k: abs(other[k] - sequential[k]) for k in sequential}
+        assert max(gaps.values()) <= 0.01, (name, gaps)
+        print(alg, name, "vs sequential, per-client evaluation", max(gaps.values()))
+
+
 # --- 5. SIGKILL after round 3, resume --------------------------------------------------------------------
 
 
@@ -609,8 +658,10 @@ def test_sigkill_after_round_3_and_resume_gives_the_uninterrupted_run(
     assert [r["test_acc"] for r in resumed.rounds] == [r["test_acc"] for r in whole.result.rounds]
     np.testing.assert_array_equal(resumed.weights, whole.result.weights)
     assert_identical(Final.of_result(resumed), Final.of_result(whole.result), "resumed vs uninterrupted")
-    if alg == "scaffold":  # every client's c_i came back (and went on changing)
+    if alg == "scaffold" or alg in PERSONAL:  # every client's c_i (personal model) came back, went on
         assert sorted(resumed.client_states) == sorted(cohorts_until(load_checkpoint(tmp_path), 6))
+    if alg in PERSONAL:  # and each client's personal model scored the same on its held-out data
+        assert summary(resumed.rounds[-1]) == summary(whole.result.rounds[-1]) != {}
 
 
 #: What a resume that lost state would start from: the server side re-initialised (`server_init` of the

@@ -66,6 +66,13 @@ BAD = [
     (B, "ps.combine", "max"),
     (B, "gossip.nodes", "1"),
     (B, "gossip.topology", "star"),
+    (B, "partition.client_test_fraction", "0"),  # a held-out fraction is in (0, 1)
+    (B, "partition.client_test_fraction", "1"),
+    (B, "partition.client_test_fraction", "1.5"),
+    (B, "partition.client_test_fraction", "abc"),
+    (B, "train.eval_clients_every", "-1"),
+    (B, "clients.partial_work_fraction", "1.5"),
+    (B, "clients.partial_work_policy", "sometimes"),
 ]
 
 
@@ -147,7 +154,8 @@ def test_unknown_top_level_key_is_refused():
         (["~faults.quorm"], "~faults.quorm: unknown key faults.quorm (did you mean faults.quorum?)"),
         (
             ["partition.alpha=1"],
-            "partition.alpha=1: unknown key partition.alpha (partition=iid has: name, _target_)",
+            "partition.alpha=1: unknown key partition.alpha "
+            "(partition=iid has: name, client_test_fraction, _target_)",
         ),
         (["runtime.object_store_mb=100"], "unknown key runtime.object_store_mb (runtime=sequential has:"),
     ],

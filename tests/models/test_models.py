@@ -20,6 +20,7 @@ MNIST_COUNTS = {
     "narrow_cnn": 34_318,
     "deep_mlp": 366_730,
     "logreg": 7_850,
+    "lenet": 44_426,  # 156 + 2,416 (convs) + 30,840 + 10,164 + 850 (FC 120, 84, 10)
 }
 DROPOUT_MODELS = ["keras_cnn", "torch_example_cnn"]
 

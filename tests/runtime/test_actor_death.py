@@ -47,7 +47,9 @@ RUN = [
 ]
 #: On the session's Ray with 2 client actors.
 RAY = ["runtime=ray", "runtime.num_actors=2"]
-STATEFUL = ["optim.persistent_state=true", "optim.momentum=0.9"]
+#: Client state kept by the driver: Ditto's personal models, tested every round on each client's held-out
+#: data (per-client evaluation runs on the actors too, after the central one).
+STATEFUL = ["algorithm=ditto", "partition.client_test_fraction=0.2", "train.eval_clients_every=1"]
 
 
 @pytest.fixture(scope="module")
@@ -131,13 +133,15 @@ def assert_same_run(hit, ref) -> None:
     losses = [r["test_loss"] for r in ref.rounds]
     assert [r["test_loss"] for r in hit.rounds] == pytest.approx(losses, abs=1e-6)
     assert [r["clients"] for r in hit.rounds] == [r["clients"] for r in ref.rounds] == [2, 2, 2]
+    for key in ("client_acc_mean", "personal_acc_mean"):  # the same weights and personal models
+        assert [r.get(key) for r in hit.rounds] == [r.get(key) for r in ref.rounds]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "extra, before_settle",
     [((), False), (tuple(STATEFUL), True)],
-    ids=["training", "evaluation-and-training-with-client-state"],
+    ids=["training", "evaluation-and-training-with-personal-models"],
 )
 def test_a_killed_client_actor_is_replaced_and_the_model_is_unchanged(
     ray_session, calm, monkeypatch, tmp_path, caplog, extra, before_settle

@@ -1,0 +1,165 @@
+"""Reproduce four published findings by config and collect their tables and plots in benchmarks/results/.
+
+    python benchmarks/reproductions.py fedprox      # FedProx, stragglers on Synthetic(1,1)   (~5 min)
+    python benchmarks/reproductions.py niid         # NIID-Bench MNIST Dir(0.5), 4 algorithms (~20 min)
+    python benchmarks/reproductions.py fairness     # q-FFL, q = 0, 1, 5                      (~4 min)
+    python benchmarks/reproductions.py personal     # Ditto and FedPer vs FedAvg              (~5 min)
+    python benchmarks/reproductions.py fairness -- train.rounds=10   # extra overrides after --
+
+Each study is one shipped experiment (conf/experiment/*.yaml) run once per variant with `python -m raypfl`
+into OUT/STUDY/VARIANT (default OUT: outputs/reproductions). The script then writes
+benchmarks/results/repro_STUDY.{csv,md,png}: per variant the final figures and the wall time of the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+
+#: study -> (experiment config, [(variant label, overrides)])
+STUDIES: dict[str, tuple[str, list[tuple[str, list[str]]]]] = {
+    "fedprox": (
+        "fedprox_stragglers",
+        [
+            ("FedAvg (stragglers dropped)", ["algorithm.mu=0", "clients.partial_work_policy=drop"]),
+            ("FedProx mu=0 (partial work kept)", ["algorithm.mu=0"]),
+            ("FedProx mu=1 (partial work kept)", ["algorithm.mu=1"]),
+        ],
+    ),
+    "niid": (
+        "niid_bench",
+        [
+            ("FedAvg", ["algorithm=fedavg"]),
+            ("FedProx mu=0.01", ["algorithm=fedprox"]),
+            ("SCAFFOLD (momentum 0)", ["algorithm=scaffold", "optim.momentum=0"]),
+            ("FedNova", ["algorithm=fednova"]),
+        ],
+    ),
+    "fairness": (
+        "qffl_fairness",
+        [(f"q-FFL q={q}", [f"algorithm.q={q}"]) for q in (0, 1, 5)],
+    ),
+    "personal": (
+        "personalization",
+        [
+            ("FedAvg", ["algorithm=fedavg"]),
+            ("Ditto", ["algorithm=ditto"]),
+            ("FedPer", ["algorithm=fedper"]),
+        ],
+    ),
+}
+#: metrics.csv columns reported (the last value each run logged)
+COLUMNS = [
+    "test_acc",
+    "test_loss",
+    "client_acc_mean",
+    "client_acc_worst10",
+    "client_acc_std",
+    "personal_acc_mean",
+    "personal_acc_worst10",
+    "personal_acc_std",
+]
+
+
+def slug(label: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+
+
+def run_variant(experiment: str, overrides: list[str], out: Path) -> float:
+    """One run of the study; returns its wall time in seconds."""
+    command = [sys.executable, "-m", "raypfl", f"+experiment={experiment}", *overrides]
+    command += [f"hydra.run.dir={out}", "overwrite=true"]
+    print("$", " ".join(command[1:]), flush=True)
+    start = time.perf_counter()
+    subprocess.run(command, cwd=REPO, check=True)
+    return time.perf_counter() - start
+
+
+def last_values(path: Path) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """The last non-empty value of each column of a metrics.csv, and all its rows."""
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    last = {}
+    for column in COLUMNS:
+        values = [r[column] for r in rows if r.get(column, "") != ""]
+        last[column] = values[-1] if values else ""
+    return last, rows
+
+
+def write_tables(study: str, records: list[dict], curves: dict[str, list[dict[str, str]]]) -> None:
+    columns = ["variant", *(c for c in COLUMNS if any(r[c] != "" for r in records)), "rounds", "wall_s"]
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with (RESULTS / f"repro_{study}.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(records)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for record in records:
+        cells = []
+        for column in columns:
+            value = record[column]
+            if column.endswith(("_acc", "_mean", "_worst10", "_std")) and value != "":
+                value = f"{100 * float(value):.2f}"  # percent
+            elif column in ("test_loss",) and value != "":
+                value = f"{float(value):.4f}"
+            elif column == "wall_s":
+                value = f"{float(value):.0f}"
+            cells.append(str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    (RESULTS / f"repro_{study}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    plot(study, curves)
+
+
+def plot(study: str, curves: dict[str, list[dict[str, str]]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for label, rows in curves.items():
+        points = [
+            (int(r["round"]), float(r["test_acc"]), float(r["test_loss"])) for r in rows if r["test_acc"]
+        ]
+        ax_acc.plot([p[0] for p in points], [100 * p[1] for p in points], label=label)
+        ax_loss.plot([p[0] for p in points], [p[2] for p in points], label=label)
+    ax_acc.set(xlabel="round", ylabel="test accuracy (%)", title=f"{study}: test accuracy")
+    ax_loss.set(xlabel="round", ylabel="test loss", title=f"{study}: test loss")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+    ax_acc.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"repro_{study}.png", dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("study", choices=sorted(STUDIES))
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "reproductions")
+    parser.add_argument("extra", nargs="*", help="overrides for every run (after --)")
+    args = parser.parse_args()
+    experiment, variants = STUDIES[args.study]
+    records, curves = [], {}
+    for label, overrides in variants:
+        out = args.out / args.study / slug(label)
+        wall = run_variant(experiment, [*overrides, *args.extra], out)
+        last, rows = last_values(out / "metrics.csv")
+        records.append({"variant": label, **last, "rounds": len(rows), "wall_s": round(wall, 1)})
+        curves[label] = rows
+    write_tables(args.study, records, curves)
+
+
+if __name__ == "__main__":
+    main()
