@@ -5,10 +5,13 @@
     python benchmarks/reproductions.py fairness     # q-FFL, q = 0, 1, 5                      (~4 min)
     python benchmarks/reproductions.py personal     # Ditto and FedPer vs FedAvg              (~5 min)
     python benchmarks/reproductions.py fairness -- train.rounds=10   # extra overrides after --
+    python benchmarks/reproductions.py fairness --collect   # only rebuild the tables from the runs' folders
 
 Each study is one shipped experiment (conf/experiment/*.yaml) run once per variant with `python -m raypfl`
 into OUT/STUDY/VARIANT (default OUT: outputs/reproductions). The script then writes
-benchmarks/results/repro_STUDY.{csv,md,png}: per variant the final figures and the wall time of the run.
+benchmarks/results/repro_STUDY.{csv,md,png}: per variant the final figures, the mean test accuracy and
+loss of the last 10 evaluations (`acc_last10`, `loss_last10`: less noisy than the last one), and the run's
+wall time.
 """
 
 from __future__ import annotations
@@ -45,7 +48,15 @@ STUDIES: dict[str, tuple[str, list[tuple[str, list[str]]]]] = {
     ),
     "fairness": (
         "qffl_fairness",
-        [(f"q-FFL q={q}", [f"algorithm.q={q}"]) for q in (0, 1, 5)],
+        [
+            # q = 0 does not depend on L (its step is the plain mean of the local models)
+            *[(f"q-FFL q={q}, L=1/lr", [f"algorithm.q={q}"]) for q in (0, 1, 5)],
+            *[
+                (f"q-FFL q={q}, L={lip}", [f"algorithm.q={q}", f"algorithm.lipschitz={lip}"])
+                for lip in (1, 0.01)
+                for q in (1, 5)
+            ],
+        ],
     ),
     "personal": (
         "personalization",
@@ -84,18 +95,28 @@ def run_variant(experiment: str, overrides: list[str], out: Path) -> float:
 
 
 def last_values(path: Path) -> tuple[dict[str, str], list[dict[str, str]]]:
-    """The last non-empty value of each column of a metrics.csv, and all its rows."""
+    """The last non-empty value of each column of a metrics.csv (and the mean of the last 10 evaluations'
+    test accuracy and loss), and all its rows."""
     with path.open() as f:
         rows = list(csv.DictReader(f))
     last = {}
     for column in COLUMNS:
         values = [r[column] for r in rows if r.get(column, "") != ""]
         last[column] = values[-1] if values else ""
+    evaluated = [r for r in rows if r["test_acc"] != ""][-10:]
+    last["acc_last10"] = sum(float(r["test_acc"]) for r in evaluated) / len(evaluated)
+    last["loss_last10"] = sum(float(r["test_loss"]) for r in evaluated) / len(evaluated)
     return last, rows
 
 
+def last_row(path: Path) -> dict[str, str]:
+    with path.open() as f:
+        return list(csv.DictReader(f))[-1]
+
+
 def write_tables(study: str, records: list[dict], curves: dict[str, list[dict[str, str]]]) -> None:
-    columns = ["variant", *(c for c in COLUMNS if any(r[c] != "" for r in records)), "rounds", "wall_s"]
+    reported = [*COLUMNS[:2], "acc_last10", "loss_last10", *COLUMNS[2:]]
+    columns = ["variant", *(c for c in reported if any(r[c] != "" for r in records)), "rounds", "wall_s"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     with (RESULTS / f"repro_{study}.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
@@ -106,11 +127,11 @@ def write_tables(study: str, records: list[dict], curves: dict[str, list[dict[st
         cells = []
         for column in columns:
             value = record[column]
-            if column.endswith(("_acc", "_mean", "_worst10", "_std")) and value != "":
+            if column.endswith(("_acc", "_mean", "_worst10", "_std", "acc_last10")) and value != "":
                 value = f"{100 * float(value):.2f}"  # percent
-            elif column in ("test_loss",) and value != "":
+            elif column in ("test_loss", "loss_last10") and value != "":
                 value = f"{float(value):.4f}"
-            elif column == "wall_s":
+            elif column == "wall_s" and value != "":
                 value = f"{float(value):.0f}"
             cells.append(str(value))
         lines.append("| " + " | ".join(cells) + " |")
@@ -148,13 +169,17 @@ def main() -> None:
     )
     parser.add_argument("study", choices=sorted(STUDIES))
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "reproductions")
+    parser.add_argument("--collect", action="store_true", help="do not run: tables from the runs' folders")
     parser.add_argument("extra", nargs="*", help="overrides for every run (after --)")
     args = parser.parse_args()
     experiment, variants = STUDIES[args.study]
     records, curves = [], {}
     for label, overrides in variants:
         out = args.out / args.study / slug(label)
-        wall = run_variant(experiment, [*overrides, *args.extra], out)
+        if args.collect:  # the wall time the run recorded (from its process start)
+            wall = float(last_row(out / "metrics.csv")["wall_s"])
+        else:
+            wall = run_variant(experiment, [*overrides, *args.extra], out)
         last, rows = last_values(out / "metrics.csv")
         records.append({"variant": label, **last, "rounds": len(rows), "wall_s": round(wall, 1)})
         curves[label] = rows
