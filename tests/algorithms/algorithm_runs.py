@@ -4,7 +4,7 @@
 drawn and a dataset is read from disk once per process (both cost more than three rounds of the tiny runs).
 
 `python algorithm_runs.py SPEC.json`, started once under `mpiexec -n 2`, does two things for all
-six algorithms, so that their start-up (Python, torch, and the ~5 s import of torch._dynamo that torch.optim
+the algorithms, so that their start-up (Python, torch, and the ~5 s import of torch._dynamo that torch.optim
 does on its first step) is paid once per rank instead of once per run:
 
 1. Before MPI starts (mpi4py is imported only afterwards), each rank forks the crash runs of its share of

@@ -28,7 +28,7 @@ from raypfl.errors import ConfigError
 from raypfl.models.weights import get_flat, parameter_views, set_flat
 from raypfl.models.zoo import build_model
 from raypfl.training.local import make_optimizer, train_local
-from tests.conftest import make_config, run_cli
+from tests.conftest import make_config
 
 SETTING = Setting(OptimSpec(lr=0.05), TrainSpec(batch_size=16, local_steps=5), num_clients=10, per_round=4)
 N = 64  # samples per client
@@ -262,21 +262,6 @@ def test_fedper_bad_layer_fails_in_build_setup_before_any_runtime(data_root):
     with pytest.raises(ConfigError, match=r"algorithm.personal_layers=\[nope\]") as err:
         build_setup(cfg, load_data(cfg), algorithm=algorithm)
     assert "\n" not in str(err.value) and "net.5" in str(err.value)
-
-
-@pytest.mark.slow  # a `python -m raypfl` process: ~10 s on 2 cores
-def test_fedper_bad_layer_exits_2_with_one_line_before_ray_starts(tmp_path):
-    done = run_cli(
-        "algorithm=fedper",
-        "algorithm.personal_layers=[nope]",
-        "model=mlp",
-        "runtime=ray",
-        f"hydra.run.dir={tmp_path}",
-    )
-    assert done.returncode == 2, done.stderr
-    lines = [line for line in done.stderr.strip().splitlines() if line]
-    assert len(lines) == 1 and "algorithm.personal_layers=[nope]: nope names no layer" in lines[0]
-    assert "Started a local Ray" not in done.stdout + done.stderr
 
 
 @pytest.mark.parametrize(

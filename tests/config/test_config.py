@@ -55,7 +55,7 @@ def test_bad_config_names_the_key(overrides, expected):
 def test_unknown_group_choice_is_caught_before_hydra():
     assert check_group_overrides(["model=resnet999"]) == (
         "unknown model=resnet999 (choose from: "
-        "cnn, deep_mlp, keras_cnn, logreg, mlp, narrow_cnn, tiny_cnn, torch_example_cnn)"
+        "cnn, deep_mlp, keras_cnn, lenet, logreg, mlp, narrow_cnn, tiny_cnn, torch_example_cnn)"
     )
     assert "unknown partition=zipf" in check_group_overrides(["+experiment=fedavg", "partition=zipf"])
     assert "unknown model=bogus" in check_group_overrides(["-m", "model=mlp,bogus"])

@@ -22,8 +22,11 @@ def read_metrics(run_dir) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_fedavg_on_ray_leaves_its_outputs(tmp_path, data_root):
-    proc = run_cli("+experiment=fedavg", *TINY, "runtime.num_cpus=2", f"hydra.run.dir={tmp_path}")
+def test_fedavg_on_ray_leaves_its_outputs(tmp_path, data_root, ray_address):
+    # joins the session's Ray: a Ray of its own costs ~10 s more (tests/jobs/test_signals.py and
+    # tests/runtime/test_ray_start.py start their own)
+    address = f"runtime.address={ray_address}"
+    proc = run_cli("+experiment=fedavg", *TINY, address, f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = proc.stdout + proc.stderr
     assert "round 1/3 | test acc" in log and "round 3/3" in log

@@ -45,21 +45,17 @@ CROSS_RUNTIME = 1e-5
 
 
 def test_ray_and_sequential_give_the_same_model(sequential_run, ray_session, tmp_path):
-    ray_run = run_experiment(make_config(*DIRICHLET, "runtime=ray", "runtime.num_actors=2"), tmp_path)
+    """5 clients a round on 3 actors (2, 2 and 1 of them): the result does not depend on how the clients are
+    spread over actors (tests/algorithms/test_algorithm_runtimes.py runs every algorithm on 2)."""
+    ray_run = run_experiment(
+        make_config(*DIRICHLET, "runtime=ray", "runtime.num_actors=3", "runtime.cpus_per_actor=0.5"), tmp_path
+    )
     diff = np.abs(ray_run.weights - sequential_run.weights).max()
     assert diff <= CROSS_RUNTIME, f"max abs difference {diff}"
     assert [r["test_acc"] for r in ray_run.rounds] == pytest.approx(
         [r["test_acc"] for r in sequential_run.rounds]
     )
     assert sequential_run.rounds[-1]["test_acc"] > sequential_run.rounds[0]["test_acc"]  # it learns
-
-
-def test_ray_runtime_with_three_actors_matches_too(sequential_run, ray_session, tmp_path):
-    """The result does not depend on how clients are spread over actors."""
-    ray_run = run_experiment(
-        make_config(*DIRICHLET, "runtime=ray", "runtime.num_actors=3", "runtime.cpus_per_actor=0.5"), tmp_path
-    )
-    assert np.abs(ray_run.weights - sequential_run.weights).max() <= CROSS_RUNTIME
 
 
 def test_faithful_model_per_client_mode_gives_the_same_model(sequential_run, tmp_path):

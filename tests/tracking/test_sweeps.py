@@ -32,7 +32,10 @@ def read_csv(path: Path) -> list[dict]:
 
 
 #: How the smoke run shrinks the data (generated data has no train/test limits: fewer, smaller clients).
-SMALL_DATA = {"synthetic_scale": ["dataset.test_clients=20", "dataset.max_size=200"]}
+SMALL_DATA = {
+    "synthetic_scale": ["dataset.test_clients=20", "dataset.max_size=200"],
+    "fedprox_stragglers": ["dataset.test_clients=4", "dataset.max_size=200"],
+}
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
