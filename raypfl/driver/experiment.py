@@ -203,7 +203,14 @@ def run_experiment(
             pending = start_round(runtime, plan, evaluate, broadcast_bytes, on_submitted=settle)
             planner.observe(round_idx, pending.result)
             if client_eval.due(round_idx, train.eval_clients_every, train.rounds):
+                began = time.perf_counter()
                 pending.client_eval = runtime.evaluate_clients(everyone, planner.client_states)
+                log.info(
+                    "round %d: %d clients tested on their held-out data in %.1f s",
+                    round_idx,
+                    len(pending.client_eval),
+                    time.perf_counter() - began,
+                )
         settle()
         final = runtime.server_snapshot()
         weights = final.model

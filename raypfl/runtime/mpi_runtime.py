@@ -210,8 +210,8 @@ class MPIRuntime:
         """This rank's share of a per-client evaluation: the clients it trains (their state is here) when
         clients keep state, else an even slice; gathered on rank 0 in client order."""
         self._sync_weights()
-        if self.sticky:
-            mine = [c for c in clients if c % self.size == self.rank]
+        if self.sticky:  # where round after round it trains them
+            mine = assign_cohort(clients, [0] * len(clients), self.size, sticky=True)[self.rank]
         else:
             ranges = split_range(len(clients), self.size)
             start, stop = ranges[self.rank] if self.rank < len(ranges) else (0, 0)
