@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -213,14 +214,24 @@ def test_wandb_offline_run_has_one_history_row_per_round(tmp_path, data_root, mo
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     cfg = make_config(
-        *SMALL, "logger=wandb", "runtime=sequential", "train.rounds=3", "clients.num=6", "clients.per_round=3"
-    )
+        *SMALL, "logger=wandb", "runtime=sequential", "train.rounds=3", "clients.num=6",
+        "clients.per_round=3", "partition.client_test_fraction=0.2", "train.eval_clients_every=2",
+    )  # fmt: skip
     result = run_experiment(cfg, tmp_path, group="sweep-x", name="job0")
     history = read_offline_history(tmp_path)
     assert [row["_step"] for row in history] == [1, 2, 3]
     assert [row["test_acc"] for row in history] == pytest.approx([r["test_acc"] for r in result.rounds])
     assert all("bytes_down" in row and "round_s" in row for row in history)
+    # the per-client evaluation's summary in the rounds that had one (2, and 3: the last)
+    assert ["client_acc_mean" in row for row in history] == [False, True, True]
+    assert history[-1]["client_acc_worst10"] == pytest.approx(result.rounds[-1]["client_acc_worst10"])
     assert history[-1]["client_metrics/_type"] == "table-file"  # the per-client table, with the last round
+    # one table (wandb/latest-run links to the run's folder: the same file twice)
+    [table] = {t.resolve() for t in Path(tmp_path).glob("wandb/*/files/media/table/client_metrics_*.json")}
+    content = json.loads(table.read_text())
+    status, acc = content["columns"].index("status"), content["columns"].index("eval_acc")
+    evaluated = [row for row in content["data"] if row[status] == "eval"]
+    assert len(evaluated) == 12 and all(0 <= row[acc] <= 1 for row in evaluated)  # 6 clients x rounds 2, 3
     config = read_offline_config(tmp_path)
     assert config["clients"]["num"] == 6
     assert config["dataset"]["root"] == os.environ["RAYPFL_DATA"]  # resolved, not ${oc.env:...}
