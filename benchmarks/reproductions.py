@@ -67,6 +67,8 @@ STUDIES: dict[str, tuple[str, list[tuple[str, list[str]]]]] = {
         ],
     ),
 }
+#: Studies whose table also gets the final model's training loss over every client (`train_loss_all`)
+TRAINING_LOSS = ("fedprox",)
 #: metrics.csv columns reported (the last value each run logged)
 COLUMNS = [
     "test_acc",
@@ -109,14 +111,42 @@ def last_values(path: Path) -> tuple[dict[str, str], list[dict[str, str]]]:
     return last, rows
 
 
+def training_loss(out: Path) -> float:
+    """The final model's mean cross-entropy on every client's training data, weighted by samples (the FedProx
+    paper's "training loss"), from the run's folder."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from raypfl.data.load import load_data
+    from raypfl.driver.experiment import build_setup
+    from raypfl.models.zoo import build_model, model_spec
+    from raypfl.training.local import evaluate
+
+    cfg = OmegaConf.load(out / "config.yaml")
+    setup = build_setup(cfg, load_data(cfg))
+    model = build_model(model_spec(cfg.model), setup.dataset.in_shape, setup.dataset.num_classes)
+    model.load_state_dict(torch.load(out / "model.pt"))
+    total = count = 0.0
+    for client in range(setup.partition.num_clients):
+        if hasattr(setup.partition, "client_data"):
+            x, y = (torch.as_tensor(a) for a in setup.partition.client_data(client))
+        else:
+            rows = torch.as_tensor(setup.partition.indices(client))
+            x, y = torch.as_tensor(setup.dataset.train_x)[rows], torch.as_tensor(setup.dataset.train_y)[rows]
+        loss, _, n = evaluate(model, x, y)
+        total, count = total + loss, count + n
+    return total / count
+
+
 def last_row(path: Path) -> dict[str, str]:
     with path.open() as f:
         return list(csv.DictReader(f))[-1]
 
 
 def write_tables(study: str, records: list[dict], curves: dict[str, list[dict[str, str]]]) -> None:
-    reported = [*COLUMNS[:2], "acc_last10", "loss_last10", *COLUMNS[2:]]
-    columns = ["variant", *(c for c in reported if any(r[c] != "" for r in records)), "rounds", "wall_s"]
+    reported = [*COLUMNS[:2], "acc_last10", "loss_last10", "train_loss_all", *COLUMNS[2:]]
+    present = [c for c in reported if any(r.get(c, "") != "" for r in records)]
+    columns = ["variant", *present, "rounds", "wall_s"]
     RESULTS.mkdir(parents=True, exist_ok=True)
     with (RESULTS / f"repro_{study}.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
@@ -126,10 +156,10 @@ def write_tables(study: str, records: list[dict], curves: dict[str, list[dict[st
     for record in records:
         cells = []
         for column in columns:
-            value = record[column]
+            value = record.get(column, "")
             if column.endswith(("_acc", "_mean", "_worst10", "_std", "acc_last10")) and value != "":
                 value = f"{100 * float(value):.2f}"  # percent
-            elif column in ("test_loss", "loss_last10") and value != "":
+            elif column in ("test_loss", "loss_last10", "train_loss_all") and value != "":
                 value = f"{float(value):.4f}"
             elif column == "wall_s" and value != "":
                 value = f"{float(value):.0f}"
@@ -181,6 +211,8 @@ def main() -> None:
         else:
             wall = run_variant(experiment, [*overrides, *args.extra], out)
         last, rows = last_values(out / "metrics.csv")
+        if args.study in TRAINING_LOSS:
+            last["train_loss_all"] = round(training_loss(out), 4)
         records.append({"variant": label, **last, "rounds": len(rows), "wall_s": round(wall, 1)})
         curves[label] = rows
     write_tables(args.study, records, curves)
