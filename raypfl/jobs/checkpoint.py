@@ -64,6 +64,8 @@ FINGERPRINT_KEYS = (
     "clients.num",
     "clients.per_round",
     "clients.selection",
+    "clients.partial_work_fraction",  # (a checkpoint older than these keys does not hold them: not checked)
+    "clients.partial_work_policy",
     "optim",
     "train.local_epochs",
     "train.local_steps",
@@ -259,6 +261,9 @@ def fingerprint(config: dict[str, Any]) -> dict[str, Any]:
 
 #: Keys of a group that may differ between a run and its resumption (where the data is, whether to fetch it).
 MOVABLE = {"dataset": ("root", "download")}
+#: Keys added to a group later, at the value that means "as before": left out of the fingerprint at that
+#: value, so that checkpoints written before the key existed still resume.
+LATER_DEFAULTS = {"partition": {"client_test_fraction": None}}
 
 
 def _without_defaults(key: str, node: Any) -> Any:
@@ -267,7 +272,12 @@ def _without_defaults(key: str, node: Any) -> Any:
     if not isinstance(node, dict):
         return node
     drop = MOVABLE.get(key, ())
-    return {k: v for k, v in node.items() if k not in drop and not (k == "_target_" and v is None)}
+    later = LATER_DEFAULTS.get(key, {})
+    return {
+        k: v
+        for k, v in node.items()
+        if k not in drop and not (k == "_target_" and v is None) and not (k in later and later[k] == v)
+    }
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], location: str | Path) -> None:

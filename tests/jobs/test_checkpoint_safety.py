@@ -230,3 +230,24 @@ def test_resume_gives_the_uninterrupted_run_bit_for_bit(tmp_path):
             assert torch.equal(
                 buffers["momentum_buffer"], expected[client]["state"][param]["momentum_buffer"]
             )
+
+
+def test_a_checkpoint_from_before_held_out_data_still_resumes_and_new_settings_are_checked():
+    """A checkpoint's fingerprint from before `partition.client_test_fraction` existed (no such key) matches a
+    run that leaves it at null; holding data out, or changing the partial work, is another run: refused."""
+    from omegaconf import OmegaConf
+
+    from raypfl.jobs.checkpoint import check_compatible, fingerprint
+
+    def of(*overrides: str) -> dict:
+        return fingerprint(OmegaConf.to_container(make_config(*overrides), resolve=True))
+
+    before = of()
+    before["partition"].pop("client_test_fraction", None)
+    for key in ("clients.partial_work_fraction", "clients.partial_work_policy"):
+        before.pop(key)  # an old checkpoint holds neither key
+    check_compatible(before, of(), "old")  # nothing raised
+    with pytest.raises(ConfigError, match=r"^resume=old: the checkpoint was made with partition="):
+        check_compatible(before, of("partition.client_test_fraction=0.2"), "old")
+    with pytest.raises(ConfigError, match=r"clients\.partial_work_fraction=0\.0, this run has .*=0\.5"):
+        check_compatible(of(), of("clients.partial_work_fraction=0.5"), "new")
