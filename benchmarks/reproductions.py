@@ -25,6 +25,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script from anywhere: the checkout's raypfl
+    sys.path.insert(0, str(REPO))
+
+from raypfl.tracking.tracker import METRIC_COLUMNS  # noqa: E402
+
 RESULTS = REPO / "benchmarks" / "results"
 
 #: study -> (experiment config, [(variant label, overrides)])
@@ -69,16 +74,12 @@ STUDIES: dict[str, tuple[str, list[tuple[str, list[str]]]]] = {
 }
 #: Studies whose table also gets the final model's training loss over every client (`train_loss_all`)
 TRAINING_LOSS = ("fedprox",)
-#: metrics.csv columns reported (the last value each run logged)
+#: metrics.csv columns reported (the last value each run logged): test accuracy and loss, and the per-client
+#: evaluation's summary
 COLUMNS = [
     "test_acc",
     "test_loss",
-    "client_acc_mean",
-    "client_acc_worst10",
-    "client_acc_std",
-    "personal_acc_mean",
-    "personal_acc_worst10",
-    "personal_acc_std",
+    *(c for c in METRIC_COLUMNS if c.startswith(("client_acc_", "personal_acc_"))),
 ]
 
 
