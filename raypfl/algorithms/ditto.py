@@ -11,8 +11,8 @@ import numpy as np
 
 from raypfl.algorithms.aggregate import MODEL, Arrays, ClientUpdate
 from raypfl.algorithms.base import Algorithm, ClientContext
-from raypfl.algorithms.fedavg import FedAvg
-from raypfl.config import knob
+from raypfl.algorithms.fedavg import FedAvg, local_sgd, proximal_adjust
+from raypfl.config import OptimSpec, knob
 from raypfl.errors import ConfigError
 
 
@@ -65,30 +65,16 @@ class Ditto(FedAvg):
 
     def personal_update(self, ctx: ClientContext, broadcast: Arrays) -> tuple[Any, np.ndarray]:
         """Train v_k (ctx.state, or w^t if None) in ctx.model; (its TrainResult, the new v_k)."""
-        import torch
-
-        from raypfl.models.weights import get_flat, parameter_views, set_flat, shared_tensor
-        from raypfl.training.local import train_local
+        from raypfl.models.weights import get_flat, set_flat
 
         w = np.asarray(broadcast[MODEL], dtype=np.float32)
         set_flat(ctx.model, ctx.state if ctx.state is not None else w)
-        params = list(ctx.model.parameters())
-        anchor = parameter_views(ctx.model, shared_tensor(w).to(params[0].device))
-        lam = self.lam
-
-        def adjust() -> None:  # + lam (v - w^t)
-            for p, p0 in zip(params, anchor):
-                if p.grad is not None:
-                    p.grad.add_(p.detach() - p0, alpha=lam)
-
+        adjust = proximal_adjust(ctx.model, self.lam, anchor=w)  # + lam (v - w^t)
         lr = self.optim.lr if self.personal_lr is None else self.personal_lr
-        optimizer = torch.optim.SGD(params, lr=lr)
         spec = self.local_train(ctx)
         if self.personal_epochs is not None:
             spec = replace(spec, local_epochs=self.personal_epochs, local_steps=None)
-        result = train_local(
-            ctx.model, optimizer, ctx.x, ctx.y, ctx.indices, spec, ctx.generator, adjust if lam else None
-        )
+        result, _ = local_sgd(ctx, OptimSpec(name="sgd", lr=lr), spec, adjust)  # plain SGD, lr
         return result, get_flat(ctx.model)
 
     # --- personalization -------------------------------------------------------------------------------

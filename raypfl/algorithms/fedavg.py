@@ -3,6 +3,7 @@ Data", Algorithm 1): local SGD on each client, the weighted mean of the updates 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,23 +46,11 @@ class FedAvg(Algorithm):
     # --- client half -----------------------------------------------------------------------------------
 
     def client_update(self, ctx: ClientContext, broadcast: Arrays) -> tuple[ClientUpdate, Any]:
-        import torch
-        from torch.utils._pytree import tree_map
-
         from raypfl.models.weights import get_flat
-        from raypfl.training.local import make_optimizer, train_local
 
-        optimizer = make_optimizer(ctx.model.parameters(), self.optim)
-        if self.stateful_clients and ctx.state is not None:
-            optimizer.load_state_dict(ctx.state)
         adjust = proximal_adjust(ctx.model, self.proximal_mu())
-        result = train_local(
-            ctx.model, optimizer, ctx.x, ctx.y, ctx.indices, self.local_train(ctx), ctx.generator, adjust
-        )
+        result, state = local_sgd(ctx, self.optim, self.local_train(ctx), adjust, self.stateful_clients)
         delta = get_flat(ctx.model) - broadcast[MODEL]
-        state = None
-        if self.stateful_clients:  # kept by the driver: as CPU tensors, whatever device trained it
-            state = tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, optimizer.state_dict())
         update = ClientUpdate(
             ctx.client, {MODEL: delta}, {MODEL: self.client_weight(ctx)}, metrics(ctx, result)
         )
@@ -122,15 +111,47 @@ def metrics(ctx: ClientContext, result: Any) -> dict[str, float]:
     }
 
 
-def proximal_adjust(model: Any, mu: float):
-    """FedProx's gradient of mu/2 ||w - w_global||^2, added after each backward pass (None if mu=0).
+def local_sgd(
+    ctx: ClientContext,
+    optim: Any,
+    train: Any,
+    adjust: Callable[[], None] | None = None,
+    keep_state: bool = False,
+) -> tuple[Any, Any]:
+    """One client's local training of `ctx.model`: the optimizer `optim` (an OptimSpec) names, the work
+    `train` (a TrainSpec) sets, `adjust` run after each backward pass. With `keep_state` the optimizer's
+    state is restored from `ctx.state` and returned (as CPU tensors, whatever device trained it: the driver
+    keeps it). Returns (the TrainResult, the optimizer state or None)."""
+    import torch
+    from torch.utils._pytree import tree_map
 
-    The anchor is the model's parameters now, i.e. the global model the worker just loaded.
+    from raypfl.training.local import make_optimizer, train_local
+
+    optimizer = make_optimizer(ctx.model.parameters(), optim)
+    if keep_state and ctx.state is not None:
+        optimizer.load_state_dict(ctx.state)
+    result = train_local(ctx.model, optimizer, ctx.x, ctx.y, ctx.indices, train, ctx.generator, adjust)
+    if not keep_state:
+        return result, None
+    return result, tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, optimizer.state_dict())
+
+
+def proximal_adjust(model: Any, mu: float, anchor: np.ndarray | None = None):
+    """The gradient of mu/2 ||w - anchor||^2, added after each backward pass (None if mu=0): FedProx's term
+    and Ditto's.
+
+    The anchor is a flat weight vector (as `get_flat` lays it out), by default the model's parameters now,
+    i.e. the global model the worker just loaded.
     """
     if not mu:
         return None
     params = list(model.parameters())
-    anchor = [p.detach().clone() for p in params]
+    if anchor is None:
+        anchor = [p.detach().clone() for p in params]
+    else:
+        from raypfl.models.weights import parameter_views, shared_tensor
+
+        anchor = parameter_views(model, shared_tensor(anchor).to(params[0].device))
 
     def adjust() -> None:
         for p, p0 in zip(params, anchor):

@@ -11,7 +11,7 @@ import numpy as np
 
 from raypfl.algorithms.aggregate import MODEL, Aggregate, Arrays, ClientUpdate
 from raypfl.algorithms.base import Algorithm, ClientContext
-from raypfl.algorithms.fedavg import FedAvg, metrics
+from raypfl.algorithms.fedavg import FedAvg, local_sgd, metrics
 from raypfl.config import knob
 from raypfl.errors import ConfigError
 
@@ -84,17 +84,13 @@ class FedPer(FedAvg):
 
     def client_update(self, ctx: ClientContext, broadcast: Arrays) -> tuple[ClientUpdate, Any]:
         from raypfl.models.weights import get_flat, set_flat
-        from raypfl.training.local import make_optimizer, train_local
 
         shared, personal = self._indices()
         if ctx.state is not None:  # the client's own personal layers over the global model's
             start = get_flat(ctx.model)
             start[personal] = ctx.state
             set_flat(ctx.model, start)
-        optimizer = make_optimizer(ctx.model.parameters(), self.optim)
-        result = train_local(
-            ctx.model, optimizer, ctx.x, ctx.y, ctx.indices, self.local_train(ctx), ctx.generator
-        )
+        result, _ = local_sgd(ctx, self.optim, self.local_train(ctx))
         y = get_flat(ctx.model)
         delta = y[shared] - broadcast[MODEL][shared]  # the personal layers never leave the client
         update = ClientUpdate(

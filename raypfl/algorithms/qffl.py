@@ -23,7 +23,7 @@ import numpy as np
 
 from raypfl.algorithms.aggregate import MODEL, Aggregate, Arrays, ClientUpdate
 from raypfl.algorithms.base import Algorithm, ClientContext
-from raypfl.algorithms.fedavg import metrics
+from raypfl.algorithms.fedavg import local_sgd, metrics
 from raypfl.config import knob
 
 #: The statistic holding a client's h_k (a 1-element float64 array).
@@ -61,25 +61,16 @@ class QFFL(Algorithm):
 
     def client_update(self, ctx: ClientContext, broadcast: Arrays) -> tuple[ClientUpdate, Any]:
         import torch
-        from torch.utils._pytree import tree_map
 
         from raypfl.models.weights import get_flat
-        from raypfl.training.local import evaluate, make_optimizer, train_local
+        from raypfl.training.local import evaluate
 
         # F_k: the global model's mean loss on the client's training data, in eval mode, before training
         rows = torch.tensor(np.asarray(ctx.indices), dtype=torch.int64)  # a copy: partitions are read-only
         loss_sum, _, count = evaluate(ctx.model, ctx.x[rows], ctx.y[rows])
         loss = loss_sum / max(count, 1)
 
-        optimizer = make_optimizer(ctx.model.parameters(), self.optim)
-        if self.stateful_clients and ctx.state is not None:
-            optimizer.load_state_dict(ctx.state)
-        result = train_local(
-            ctx.model, optimizer, ctx.x, ctx.y, ctx.indices, self.local_train(ctx), ctx.generator
-        )
-        state = None
-        if self.stateful_clients:  # kept by the driver: as CPU tensors, whatever device trained it
-            state = tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, optimizer.state_dict())
+        result, state = local_sgd(ctx, self.optim, self.local_train(ctx), keep_state=self.stateful_clients)
 
         dw = self.lipschitz_constant * (
             broadcast[MODEL].astype(np.float64) - get_flat(ctx.model).astype(np.float64)

@@ -10,7 +10,7 @@ import numpy as np
 
 from raypfl.algorithms.aggregate import MODEL, Aggregate, Arrays, ClientUpdate
 from raypfl.algorithms.base import Algorithm, ClientContext
-from raypfl.algorithms.fedavg import metrics, weight_of
+from raypfl.algorithms.fedavg import local_sgd, metrics, weight_of
 from raypfl.config import WEIGHTINGS, knob
 from raypfl.errors import ConfigError
 
@@ -62,7 +62,6 @@ class Scaffold(Algorithm):
 
     def client_update(self, ctx: ClientContext, broadcast: Arrays) -> tuple[ClientUpdate, Any]:
         from raypfl.models.weights import get_flat, parameter_views, shared_tensor
-        from raypfl.training.local import make_optimizer, train_local
 
         x, c = broadcast[MODEL], broadcast[CONTROL]
         c_i = ctx.state if ctx.state is not None else np.zeros_like(c)
@@ -76,10 +75,7 @@ class Scaffold(Algorithm):
                 if p.grad is not None:
                     p.grad.add_(corr)
 
-        optimizer = make_optimizer(params, self.optim)
-        result = train_local(
-            ctx.model, optimizer, ctx.x, ctx.y, ctx.indices, self.local_train(ctx), ctx.generator, adjust
-        )
+        result, _ = local_sgd(ctx, self.optim, self.local_train(ctx), adjust)
         y = get_flat(ctx.model)
         steps = max(result.steps, 1)
         c_i_new = (c_i.astype(np.float64) - c + (x.astype(np.float64) - y) / (steps * self.optim.lr)).astype(
