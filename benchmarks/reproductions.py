@@ -1,9 +1,12 @@
-"""Reproduce four published findings by config and collect their tables and plots in benchmarks/results/.
+"""Reproduce published findings by config and collect their tables and plots in benchmarks/results/.
 
     python benchmarks/reproductions.py fedprox      # FedProx, stragglers on Synthetic(1,1)   (~5 min)
     python benchmarks/reproductions.py niid         # NIID-Bench MNIST Dir(0.5), 4 algorithms (~20 min)
     python benchmarks/reproductions.py fairness     # q-FFL, q = 0, 1, 5                      (~4 min)
     python benchmarks/reproductions.py personal     # Ditto and FedPer vs FedAvg              (~5 min)
+    python benchmarks/reproductions.py robust --jobs 2    # 6 aggregators x 7 attacks           (~10 min)
+    python benchmarks/reproductions.py dp --jobs 2        # DP-FedAvg, accuracy vs epsilon       (~5 min)
+    python benchmarks/reproductions.py compress --jobs 2  # top-k, error feedback, quantization  (~3 min)
     python benchmarks/reproductions.py fairness -- train.rounds=10   # extra overrides after --
     python benchmarks/reproductions.py fairness --collect   # only rebuild the tables from the runs' folders
 
@@ -22,6 +25,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,6 +76,52 @@ STUDIES: dict[str, tuple[str, list[tuple[str, list[str]]]]] = {
         ],
     ),
 }
+#: Robust aggregators (issue 16): each with the knobs that tolerate the largest attack of the table (30% of a
+#: cohort of 10: Krum's f = 3 since 10 > 2f + 2; a trimmed mean that cuts 3 per side)
+AGGREGATORS = [
+    ("FedAvg (mean)", ["aggregator=mean"]),
+    ("median", ["aggregator=median"]),
+    ("trimmed mean b=0.3", ["aggregator=trimmed_mean", "aggregator.beta=0.3"]),
+    ("Krum f=3", ["aggregator=krum", "aggregator.f=3"]),
+    ("Multi-Krum f=3", ["aggregator=multikrum", "aggregator.f=3"]),
+    ("geometric median (RFA)", ["aggregator=rfa"]),
+]
+ATTACKS = [("no attack", ["attack.kind=none", "attack.fraction=0"])] + [
+    (f"{kind} {pct}%", [f"attack.kind={kind}", f"attack.fraction={pct / 100}"])
+    for kind in ("sign_flip", "scaled")
+    for pct in (10, 20, 30)
+]
+STUDIES["robust"] = (
+    "robust",
+    [(f"{a} / {k}", [*a_args, *k_args]) for a, a_args in AGGREGATORS for k, k_args in ATTACKS],
+)
+STUDIES["dp"] = (
+    "dp_fedavg",
+    [
+        ("no DP (no clipping, no noise)", ["postprocess=[]", "privacy.epsilon=null"]),
+        ("eps=inf (clipping only)", ["postprocess=[clip]", "privacy.epsilon=null"]),
+        *[(f"eps={eps}", [f"privacy.epsilon={eps}"]) for eps in (8, 4, 2, 1)],
+        (
+            "eps=8, noise for the simulated cohort (M=10 of P=100)",
+            ["privacy.epsilon=8", "privacy.noise_cohort_size=null", "privacy.population=null"],
+        ),
+    ],
+)
+STUDIES["compress"] = (
+    "compress",
+    [
+        ("uncompressed", ["postprocess=[]"]),
+        ("top-k 10%, error feedback", ["topk.fraction=0.1"]),
+        ("top-k 10%, no error feedback", ["topk.fraction=0.1", "topk.error_feedback=false"]),
+        ("top-k 1%, error feedback", ["topk.fraction=0.01"]),
+        ("top-k 1%, no error feedback", ["topk.fraction=0.01", "topk.error_feedback=false"]),
+        ("8-bit quantization", ["postprocess=[quantize]", "quantize.bits=8"]),
+        ("4-bit quantization", ["postprocess=[quantize]", "quantize.bits=4"]),
+        ("top-k 10% + 8-bit, error feedback", ["postprocess=[topk,quantize]", "topk.fraction=0.1"]),
+    ],
+)
+#: Studies run on the sequential runtime (many short runs: no Ray start-up each)
+SEQUENTIAL = ("robust", "dp", "compress")
 #: Studies whose table also gets the final model's training loss over every client (`train_loss_all`)
 TRAINING_LOSS = ("fedprox",)
 #: metrics.csv columns reported (the last value each run logged): test accuracy and loss, and the per-client
@@ -80,6 +130,8 @@ COLUMNS = [
     "test_acc",
     "test_loss",
     *(c for c in METRIC_COLUMNS if c.startswith(("client_acc_", "personal_acc_"))),
+    "epsilon",
+    "dp_noise_std",
 ]
 
 
@@ -87,13 +139,18 @@ def slug(label: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
 
 
-def run_variant(experiment: str, overrides: list[str], out: Path) -> float:
-    """One run of the study; returns its wall time in seconds."""
+def run_variant(experiment: str, overrides: list[str], out: Path, quiet: bool = False) -> float:
+    """One run of the study; returns its wall time in seconds (`quiet`: its output to OUT.log)."""
     command = [sys.executable, "-m", "raypfl", f"+experiment={experiment}", *overrides]
     command += [f"hydra.run.dir={out}", "overwrite=true"]
     print("$", " ".join(command[1:]), flush=True)
     start = time.perf_counter()
-    subprocess.run(command, cwd=REPO, check=True)
+    if quiet:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.with_suffix(".log"), "w") as log:
+            subprocess.run(command, cwd=REPO, check=True, stdout=log, stderr=subprocess.STDOUT)
+    else:
+        subprocess.run(command, cwd=REPO, check=True)
     return time.perf_counter() - start
 
 
@@ -145,7 +202,7 @@ def last_row(path: Path) -> dict[str, str]:
 
 
 def write_tables(study: str, records: list[dict], curves: dict[str, list[dict[str, str]]]) -> None:
-    reported = [*COLUMNS[:2], "acc_last10", "loss_last10", "train_loss_all", *COLUMNS[2:]]
+    reported = [*COLUMNS[:2], "acc_last10", "loss_last10", "train_loss_all", *COLUMNS[2:], "mb_up_round"]
     present = [c for c in reported if any(r.get(c, "") != "" for r in records)]
     columns = ["variant", *present, "rounds", "wall_s"]
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -201,22 +258,49 @@ def main() -> None:
     parser.add_argument("study", choices=sorted(STUDIES))
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "reproductions")
     parser.add_argument("--collect", action="store_true", help="do not run: tables from the runs' folders")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each is one process)")
     parser.add_argument("extra", nargs="*", help="overrides for every run (after --)")
     args = parser.parse_args()
     experiment, variants = STUDIES[args.study]
+    runtime = ["runtime=sequential"] if args.study in SEQUENTIAL else []
+    folders = {label: args.out / args.study / slug(label) for label, _ in variants}
+    walls: dict[str, float] = {}
+    if not args.collect:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = {
+                label: pool.submit(
+                    run_variant, experiment, [*runtime, *o, *args.extra], folders[label], args.jobs > 1
+                )
+                for label, o in variants
+            }
+            walls = {label: future.result() for label, future in futures.items()}
     records, curves = [], {}
-    for label, overrides in variants:
-        out = args.out / args.study / slug(label)
-        if args.collect:  # the wall time the run recorded (from its process start)
-            wall = float(last_row(out / "metrics.csv")["wall_s"])
-        else:
-            wall = run_variant(experiment, [*overrides, *args.extra], out)
+    for label, _ in variants:
+        out = folders[label]
+        # --collect: the wall time the run recorded (from its process start)
+        wall = walls.get(label) or float(last_row(out / "metrics.csv")["wall_s"])
         last, rows = last_values(out / "metrics.csv")
         if args.study in TRAINING_LOSS:
             last["train_loss_all"] = round(training_loss(out), 4)
+        if args.study == "compress":  # what the cohort's updates would cost on the wire, per round
+            last["mb_up_round"] = round(sum(float(r["bytes_up"]) for r in rows) / len(rows) / 1e6, 3)
         records.append({"variant": label, **last, "rounds": len(rows), "wall_s": round(wall, 1)})
         curves[label] = rows
     write_tables(args.study, records, curves)
+    if args.study == "robust":
+        write_pivot(records)
+
+
+def write_pivot(records: list[dict]) -> None:
+    """repro_robust_table.md: final test accuracy (%), aggregators x attacks."""
+    accuracy = {r["variant"]: 100 * float(r["test_acc"]) for r in records}
+    attacks = [k for k, _ in ATTACKS]
+    lines = ["| aggregator | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
+    for name, _ in AGGREGATORS:
+        cells = [f"{accuracy[f'{name} / {k}']:.1f}" for k in attacks]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    (RESULTS / "repro_robust_table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ GOSSIP = 9  # random gossip topologies
 SHARD = 10  # batch order of a worker or node in the non-federated paradigms
 HOLDOUT = 11  # each client's held-out test samples (partition.client_test_fraction)
 PARTIAL = 12  # which clients of a cohort do partial work, and how much (clients.partial_work_fraction)
+ATTACK = 13  # which clients are malicious, and a gaussian attacker's noise per (round, client)
+POSTPROCESS = 14  # stochastic client postprocessors (quantize, local_dp), per (round, client, step)
+CENTRAL_NOISE = 15  # central DP noise, per server version
 
 
 def derive_seed(root: int, tag: int, *keys: int) -> int:

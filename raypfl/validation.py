@@ -13,11 +13,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from raypfl.config import (
+    AttackSpec,
     ClientsSpec,
     FaultsSpec,
     LoadedDatasetSpec,
     LoggerSpec,
     PartitionSpec,
+    PrivacySpec,
     ReportSpec,
     RunSpec,
     RuntimeSpec,
@@ -66,8 +68,9 @@ def validate(cfg: DictConfig) -> RunSpec:
     optim = optim_spec(cfg)
     train = train_spec(cfg)
     _validate_client_tests(cfg, train)
+    algorithm = None
     if paradigm_of(cfg) == FEDERATED:  # its own knobs, checked against the algorithm class's fields
-        build_algorithm(cfg)
+        algorithm = build_algorithm(cfg)
     report = build_spec(ReportSpec, cfg.get("report") or {}, "report")
     runtime = runtime_spec(cfg)
     faults = faults_spec(cfg)
@@ -107,9 +110,23 @@ def validate(cfg: DictConfig) -> RunSpec:
             f"runtime.{key}={value}: Ray needs a fraction <= 1 or a whole number",
         )
     validate_paradigm(cfg)
-    spec = RunSpec(root, clients, train, optim, runtime, faults, logger, report)
+    spec = RunSpec(
+        root,
+        clients,
+        train,
+        optim,
+        runtime,
+        faults,
+        logger,
+        report,
+        build_spec(AttackSpec, cfg.get("attack") or {}, "attack"),
+        build_spec(PrivacySpec, cfg.get("privacy") or {}, "privacy"),
+    )
     if paradigm_of(cfg) != FEDERATED:
         return spec
+    from raypfl.driver.updates import check_updates
+
+    check_updates(cfg, spec, algorithm)  # postprocess, aggregator, attack, privacy
     from raypfl.runtime.placement import PLACEMENTS
 
     require(

@@ -3,10 +3,9 @@ config: a shipped short name (`algorithm=fedadam`) or a class of the user's own 
 
 from __future__ import annotations
 
-from dataclasses import fields, is_dataclass
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from raypfl.algorithms.base import Algorithm, ClientContext, ServerSnapshot, Setting, missing_halves
 from raypfl.algorithms.ditto import Ditto
@@ -18,7 +17,8 @@ from raypfl.algorithms.fedper import FedPer
 from raypfl.algorithms.fedprox import FedProx
 from raypfl.algorithms.qffl import QFFL
 from raypfl.algorithms.scaffold import Scaffold
-from raypfl.config import RunSpec, check_value, run_spec
+from raypfl.config import RunSpec, run_spec
+from raypfl.config.classes import checked_knobs, named_class
 from raypfl.errors import ConfigError
 
 ALGORITHMS: dict[str, type[Algorithm]] = {
@@ -37,8 +37,6 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
         FedPer,
     )
 }
-#: Keys of `algorithm.*` that are not knobs: the short name (a label for a `_target_`) and the target.
-RESERVED = ("name", "_target_")
 
 __all__ = [
     "ALGORITHMS",
@@ -54,23 +52,7 @@ __all__ = [
 def algorithm_class(node: Any) -> type[Algorithm]:
     """The class `algorithm.*` names (`_target_` wins over `name`); ConfigError naming the key if there is
     none, it cannot be imported, it is not an Algorithm, or it lacks a half."""
-    target = node.get("_target_")
-    if target:
-        from hydra.utils import get_class
-
-        try:
-            cls = get_class(str(target))
-        except Exception as exc:  # hydra wraps import errors; its message says what failed
-            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-            raise ConfigError(f"algorithm._target_={target}: cannot import it ({reason})") from None
-        where = f"algorithm._target_={target}"
-    else:
-        name = node.get("name")
-        if name not in ALGORITHMS:
-            raise ConfigError(f"unknown algorithm={name} (choose from: {', '.join(ALGORITHMS)})")
-        cls, where = ALGORITHMS[name], f"algorithm={name}"
-    if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
-        raise ConfigError(f"{where} is not a raypfl.algorithms.Algorithm subclass")
+    cls, where = named_class(node, "algorithm", ALGORITHMS, Algorithm)
     missing = missing_halves(cls)
     if missing:
         raise ConfigError(
@@ -79,32 +61,9 @@ def algorithm_class(node: Any) -> type[Algorithm]:
     return cls
 
 
-def knobs(cls: type[Algorithm]) -> list[str]:
-    """The config keys an algorithm class takes (its init fields)."""
-    if is_dataclass(cls):
-        return [f.name for f in fields(cls) if f.init]
-    return []
-
-
 def algorithm_knobs(cls: type[Algorithm], node: Any) -> dict[str, Any]:
     """`algorithm.*` minus name/_target_, each checked against the class's field type and knob range."""
-    data = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-    data = {k: v for k, v in data.items() if k not in RESERVED}
-    allowed = knobs(cls)
-    label = node.get("_target_") or node.get("name")
-    for key in data:
-        if key not in allowed:
-            hint = ""
-            if node.get("_target_") and node.get("name") in ALGORITHMS:  # a target on a shipped node
-                hint = f"; algorithm.{key} is {node.get('name')}'s: start from algorithm=custom"
-            raise ConfigError(
-                f"unknown key algorithm.{key} for algorithm={label} "
-                f"(its knobs: {', '.join(allowed) or 'none'}{hint})"
-            )
-    for key in allowed:
-        if key in data:
-            check_value(cls, key, data[key], f"algorithm.{key}")
-    return data
+    return checked_knobs(cls, node, "algorithm", ALGORITHMS, blank="custom")
 
 
 def build_algorithm(cfg: DictConfig, spec: RunSpec | None = None) -> Algorithm:

@@ -102,3 +102,57 @@ class Aggregate:
         if name not in self.totals:
             raise ValueError(f"no client statistic {name!r} was aggregated this round")
         return self.totals[name]
+
+
+@dataclass
+class Stacked(Aggregate):
+    """Every client's statistics kept apart, for aggregators that need them all (median, Krum, ...).
+
+    A worker still sends ONE object per round: its clients' float32 statistics, stacked. The server merges
+    the stacks and, at the round's close, `combine`s them (rows sorted by client id, so the result does not
+    depend on how clients were spread over workers) into an ordinary Aggregate: each statistic's robust
+    estimate of the mean, times its total weight. The cost: the server holds n x d float32 values.
+    """
+
+    rows: dict[int, tuple[Arrays, dict[str, float]]] = field(default_factory=dict)
+
+    def add(self, update: ClientUpdate) -> bool:
+        """Keep the client's statistics (float32) and weights; reject a non-finite update."""
+        if not update.finite():
+            log.warning("rejected client %d: its update contains NaN/Inf", update.client)
+            self.rejected.append(update.client)
+            return False
+        statistics = {name: np.asarray(v, np.float32) for name, v in update.statistics.items()}
+        self.rows[update.client] = (statistics, dict(update.weights))
+        self.clients.append(update.client)
+        return True
+
+    def merge(self, other: Aggregate) -> None:
+        if not isinstance(other, Stacked):
+            raise TypeError("a stacked aggregate merges only stacked partials (every worker stacks)")
+        self.rows.update(other.rows)
+        self.clients.extend(other.clients)
+        self.rejected.extend(other.rejected)
+
+    @property
+    def has_weight(self) -> bool:
+        return any(w > 0 for _, weights in self.rows.values() for w in weights.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stacked statistics (what a worker sends instead of one float64 partial)."""
+        return sum(int(v.nbytes) for statistics, _ in self.rows.values() for v in statistics.values())
+
+    def matrices(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(statistic -> (n, d) matrix, statistic -> (n,) weights), rows in client-id order."""
+        order = sorted(self.rows)
+        names = sorted({name for statistics, _ in self.rows.values() for name in statistics})
+        vectors = {name: np.stack([self.rows[c][0][name] for c in order]) for name in names}
+        weights = {name: np.array([self.rows[c][1][name] for c in order], np.float64) for name in names}
+        return vectors, weights
+
+    def combine(self, estimate: Arrays, weights: dict[str, np.ndarray]) -> Aggregate:
+        """The ordinary Aggregate whose weighted means are `estimate` (each statistic's robust mean)."""
+        total = {name: float(w.sum()) for name, w in weights.items()}
+        totals = {name: np.asarray(estimate[name], np.float64) * total[name] for name in estimate}
+        return Aggregate(totals, total, list(self.clients), list(self.rejected))

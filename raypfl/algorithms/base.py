@@ -76,6 +76,8 @@ class Algorithm:
 
     name: ClassVar[str] = ""
     stateful_clients: ClassVar[bool] = False
+    #: The statistics a client sends (central DP checks that clip bounds all of them: only `model`).
+    statistics: ClassVar[tuple[str, ...]] = (MODEL,)
     setting: Setting | None = field(default=None, init=False, repr=False, compare=False)
 
     def bind(self, setting: Setting) -> Algorithm:

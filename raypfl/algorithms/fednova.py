@@ -44,6 +44,7 @@ class FedNova(FedAvg):
     """
 
     name = "fednova"
+    statistics = (MODEL, TAU)
 
     def check(self) -> None:
         if self.optim.name != "sgd":

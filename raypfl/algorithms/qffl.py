@@ -45,6 +45,7 @@ class QFFL(Algorithm):
     """
 
     name = "qffl"
+    statistics = (MODEL, H)
     q: float = knob(1.0, ge=0)
     lipschitz: float | None = knob(None, gt=0, null="1/optim.lr")
 

@@ -33,6 +33,7 @@ class Scaffold(Algorithm):
     """
 
     name = "scaffold"
+    statistics = (MODEL, CONTROL)
     stateful_clients: ClassVar[bool] = True
     weighting: str = knob("uniform", choices=WEIGHTINGS)
     server_lr: float = knob(1.0, gt=0)  # eta_g

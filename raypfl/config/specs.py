@@ -10,13 +10,13 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from raypfl.config.knobs import build_spec, knob
 from raypfl.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam")
-SELECTIONS = ("random", "fixed")
+SELECTIONS = ("random", "fixed", "poisson")
 WEIGHTINGS = ("samples", "uniform")
 LOGGERS = ("none", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -26,6 +26,8 @@ SPEEDS = ("uniform", "lognormal")
 BALANCE_RULES = ("none", "aimd", "steps")
 NO_QUORUM_ACTIONS = ("fail", "skip")
 PARTIAL_WORK_POLICIES = ("drop", "keep")
+ATTACK_KINDS = ("none", "sign_flip", "gaussian", "scaled", "label_flip")
+ACCOUNTANTS = ("rdp", "pld")
 #: Ray refuses a smaller object store (ray._private.ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES, 75 MiB).
 RAY_MIN_OBJECT_STORE_MB = 75
 
@@ -41,12 +43,15 @@ class RootSpec:
     resume: str | None = knob(None, null="start a new run")
     overwrite: bool = False  # may a run replace the results in its folder (raypfl.jobs.run_folder)
     paradigm: str = "federated"  # checked against raypfl.paradigms.spec.PARADIGMS (which imports this module)
+    # update postprocessors, client steps then server steps (raypfl.postprocess), e.g. [clip, central_dp]
+    postprocess: list[str] = field(default_factory=list)
 
 
 #: Top-level groups of conf/config.yaml (each checked by its own spec).
 GROUPS = (
     "dataset", "model", "partition", "algorithm", "runtime", "logger", "clients", "train", "faults",
-    "optim", "distributed", "ps", "gossip", "report",
+    "optim", "distributed", "ps", "gossip", "report", "aggregator", "attack", "privacy",
+    "clip", "topk", "quantize", "local_dp",
 )  # fmt: skip
 
 
@@ -208,8 +213,34 @@ class FaultsSpec:
         return self != FaultsSpec(crash_after_round=self.crash_after_round)
 
     def quorum_size(self, cohort_size: int) -> int:
-        """Answers needed to close a round of `cohort_size` clients (at least 1)."""
+        """Answers needed to close a round of `cohort_size` clients (at least 1, but 0 of an empty cohort:
+        clients.selection=poisson may select nobody)."""
+        if cohort_size == 0:
+            return 0
         return max(1, math.ceil(self.quorum * cohort_size - 1e-9))
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """`attack.*`: a seeded fraction of the clients is malicious (raypfl.attacks)."""
+
+    kind: str = knob("none", choices=ATTACK_KINDS)
+    fraction: float = knob(0.0, ge=0, lt=1)  # of the federation's clients (fixed identities)
+    scale: float | None = knob(None, gt=0, null="the kind's default: sign_flip 4, scaled 10, gaussian 1")
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    """`privacy.*`: central DP (postprocess=[clip, central_dp]): the noise and its accountant."""
+
+    noise_multiplier: float | None = knob(None, ge=0, null="calibrated from privacy.epsilon")
+    epsilon: float | None = knob(None, gt=0, null="reported from privacy.noise_multiplier")
+    delta: float = knob(1e-5, gt=0, lt=1)
+    accountant: str = knob("rdp", choices=ACCOUNTANTS)
+    # noise calibrated for this cohort size (pfl-research's noise_cohort_size); the simulated one is smaller
+    noise_cohort_size: int | None = knob(None, ge=1, null="clients.per_round")
+    # the population the accountant assumes (sampling rate noise_cohort_size / population)
+    population: int | None = knob(None, ge=1, null="clients.num")
 
 
 def optim_spec(cfg: DictConfig) -> OptimSpec:
@@ -240,7 +271,9 @@ def root_spec(cfg: DictConfig) -> RootSpec:
     if unknown:
         names = ", ".join(sorted(known | set(GROUPS)))
         raise ConfigError(f"unknown key {unknown[0]} (top-level keys: {names})")
-    return build_spec(RootSpec, {k: cfg[k] for k in known if k in cfg}, "")
+    picked = {k: cfg[k] for k in known if k in cfg}
+    picked = {k: OmegaConf.to_container(v) if isinstance(v, ListConfig) else v for k, v in picked.items()}
+    return build_spec(RootSpec, picked, "")
 
 
 @dataclass(frozen=True)
@@ -255,6 +288,8 @@ class RunSpec:
     faults: FaultsSpec
     logger: LoggerSpec
     report: ReportSpec
+    attack: AttackSpec = field(default_factory=AttackSpec)
+    privacy: PrivacySpec = field(default_factory=PrivacySpec)
 
     @property
     def seed(self) -> int:
@@ -273,4 +308,6 @@ def run_spec(cfg: DictConfig) -> RunSpec:
         faults=faults_spec(cfg),
         logger=build_spec(LoggerSpec, cfg.get("logger") or {"name": "none"}, "logger"),
         report=build_spec(ReportSpec, cfg.get("report") or {}, "report"),
+        attack=build_spec(AttackSpec, cfg.get("attack") or {}, "attack"),
+        privacy=build_spec(PrivacySpec, cfg.get("privacy") or {}, "privacy"),
     )

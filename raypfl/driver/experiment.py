@@ -27,6 +27,7 @@ from raypfl.data.synthetic import SyntheticPartition, synthetic_spec
 from raypfl.driver import client_eval
 from raypfl.driver.planning import RoundPlanner
 from raypfl.driver.result import RunResult
+from raypfl.driver.updates import EpsilonLedger, Updates, build_updates, step_names, update_columns
 from raypfl.errors import ConfigError, RunStopped
 from raypfl.jobs import interrupts
 from raypfl.jobs.checkpoint import (
@@ -56,10 +57,14 @@ def initial_snapshot(setup: FederationSetup, model: ModelSpec | str, seed: int) 
 
 
 def build_setup(
-    cfg: DictConfig, dataset: Dataset, spec: RunSpec | None = None, algorithm: Algorithm | None = None
+    cfg: DictConfig,
+    dataset: Dataset,
+    spec: RunSpec | None = None,
+    algorithm: Algorithm | None = None,
+    updates: Updates | None = None,
 ) -> FederationSetup:
     """Everything the workers need, built (and checked) before any runtime starts (`spec`: the config's
-    typed run spec, `algorithm`: its algorithm, if the caller has them already)."""
+    typed run spec, `algorithm`: its algorithm, `updates`: its update pipeline, if the caller has them)."""
     spec = spec or run_spec(cfg)
     clients, faults, runtime = spec.clients, spec.faults, spec.runtime
     if dataset.name == SYNTHETIC:  # the generator is the partition: each client's data is its own
@@ -97,6 +102,7 @@ def build_setup(
                 "(e.g. optim.persistent_state=true), which lock-step clients do not"
             )
         check_vectorizable(probe, spec.optim)
+    updates = updates or build_updates(cfg, spec, algorithm, clients.num)
     return FederationSetup(
         dataset=dataset,
         partition=partition,
@@ -108,6 +114,9 @@ def build_setup(
         speed=speed,
         vectorize=runtime.vectorize,
         eval_local=spec.train.eval_clients,
+        attack=updates.attack,
+        postprocess=updates.client,
+        finalize=updates.finalize,
     )
 
 
@@ -129,16 +138,21 @@ def run_experiment(
     spec = run_spec(cfg)  # every group's keys, typed once: what this run reads
     train, faults = spec.train, spec.faults
     algorithm = build_algorithm(cfg, spec)
-    if cfg.get("resume") and spec.runtime.name == "mpi" and algorithm.stateful_clients:
+    residuals = "topk" in step_names(cfg) and bool(cfg.topk.error_feedback)
+    if cfg.get("resume") and spec.runtime.name == "mpi" and (algorithm.stateful_clients or residuals):
+        whose = "error-feedback residuals" if residuals else f"algorithm={cfg.algorithm.name}"
         raise ConfigError(
             f"resume={cfg.resume}: MPI ranks keep their clients' state themselves "
-            f"(algorithm={cfg.algorithm.name}), so a checkpoint cannot restore it; resume with "
+            f"({whose}), so a checkpoint cannot restore it; resume with "
             "runtime=ray or runtime=sequential"
         )
     resumed = _load_resume(cfg, train)
     runtime = build_runtime(spec.runtime)
     dataset = load_data(cfg)
-    setup = build_setup(cfg, dataset, spec, algorithm)
+    z = None if resumed is None else (resumed.get("privacy") or {}).get("noise_multiplier")
+    updates = build_updates(cfg, spec, algorithm, spec.clients.num, z)
+    setup = build_setup(cfg, dataset, spec, algorithm, updates)
+    ledger = EpsilonLedger.of(updates, train)
     if resumed is None:
         initial, first_round = initial_snapshot(setup, setup.model, cfg.seed), 1
     else:
@@ -183,11 +197,12 @@ def run_experiment(
                 return
             done, pending = pending, None
             row, result, ended = done.finish()
+            row.update(ledger.row(row["round"]))
             tracker.log_round(row, done.client_rows(), ended)
             round_idx = row["round"]
             every = train.checkpoint_every
             if (every and (round_idx % every == 0 or round_idx == train.rounds)) or not result.quorum_met:
-                _checkpoint(out_dir / FILENAME, cfg, round_idx, runtime, planner, tracker)
+                _checkpoint(out_dir / FILENAME, cfg, round_idx, runtime, planner, tracker, ledger)
                 saved = round_idx
             if not result.quorum_met:
                 _no_quorum(row, len(done.plan.cohort), faults, out_dir)
@@ -273,7 +288,13 @@ def resumed_snapshot(state: dict, setup: FederationSetup) -> ServerSnapshot:
 
 
 def _checkpoint(
-    path: Path, cfg: DictConfig, round_idx: int, runtime: Runtime, planner: RoundPlanner, tracker: RunTracker
+    path: Path,
+    cfg: DictConfig,
+    round_idx: int,
+    runtime: Runtime,
+    planner: RoundPlanner,
+    tracker: RunTracker,
+    ledger: EpsilonLedger,
 ) -> None:
     """Everything a resumed run needs, after round `round_idx`."""
     snapshot = runtime.server_snapshot()
@@ -286,6 +307,7 @@ def _checkpoint(
         "rows": tracker.rows,
         "client_rows": tracker.client_rows,
         "fingerprint": fingerprint(OmegaConf.to_container(cfg, resolve=True)),
+        "privacy": ledger.state_dict(),  # the noise multiplier: a resumed run adds the same noise
     }
     with interrupts.deferred():  # a Ctrl-C/SIGTERM waits for the write (torch.save turns it into an error)
         save_checkpoint(path, state)
@@ -406,6 +428,7 @@ def round_row(pending: PendingRound, evaluation: Evaluation | None, done: float)
         ),
         "partial_work": plan.partial,
         **client_eval.summarize(pending.client_eval),
+        **update_columns(accepted, result.client_metrics, result.server_metrics),
     }
 
 

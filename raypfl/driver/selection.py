@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from raypfl import seeding
 from raypfl.config import ClientsSpec
 
 
 class CohortSampler:
-    """`random`: a fresh uniform sample each round; `fixed`: one sample chosen once, reused every round."""
+    """`random`: a fresh uniform sample of `per_round` clients each round (without replacement); `fixed`: one
+    sample chosen once, reused every round; `poisson`: each client independently with probability
+    q = per_round / num each round (Poisson sampling, as DP-FedAvg's accounting assumes: McMahan et al.
+    2018), so the cohort's size varies and may be 0."""
 
     def __init__(self, spec: ClientsSpec, seed: int):
         self.spec = spec
@@ -25,9 +30,18 @@ class CohortSampler:
         """
         key = 0 if self.spec.selection == "fixed" else round_idx
         rng = seeding.rng(self.seed, seeding.SELECTION, key)
+        if self.spec.selection == "poisson":
+            return self._poisson(rng, eligible)
         if eligible is None:
             chosen = rng.choice(self.spec.num, self.spec.per_round, replace=False)
         else:
             picks = rng.choice(len(eligible), min(self.spec.per_round, len(eligible)), replace=False)
             chosen = [eligible[int(i)] for i in picks]
         return sorted(int(c) for c in chosen)
+
+    def _poisson(self, rng, eligible: Sequence[int] | None) -> list[int]:
+        """Each (eligible) client in with probability per_round / num, independently."""
+        rate = self.spec.per_round / self.spec.num
+        if eligible is None:
+            return [int(c) for c in np.flatnonzero(rng.random(self.spec.num) < rate)]
+        return sorted(int(eligible[int(i)]) for i in np.flatnonzero(rng.random(len(eligible)) < rate))

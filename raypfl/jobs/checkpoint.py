@@ -70,6 +70,14 @@ FINGERPRINT_KEYS = (
     "train.local_epochs",
     "train.local_steps",
     "train.batch_size",
+    "postprocess",  # the update pipeline (issue 16); a checkpoint older than it does not hold these keys
+    "clip",
+    "topk",
+    "quantize",
+    "local_dp",
+    "privacy",
+    "aggregator",
+    "attack",
 )
 
 

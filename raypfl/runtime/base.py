@@ -38,6 +38,9 @@ class RoundResult:
     aggregate_s: float = 0.0  # seconds the server spent merging partials and applying the server update
     quorum_met: bool = True
     client_states: dict[int, Any] = field(default_factory=dict)  # new states of the clients that answered
+    server_metrics: dict[str, float] = field(
+        default_factory=dict
+    )  # the server's finalizer (e.g. dp_noise_std)
 
     @classmethod
     def from_workers(
@@ -59,6 +62,7 @@ class RoundResult:
             summary["aggregate_s"],
             summary.get("quorum_met", True),
             states or {},
+            dict(summary.get("server_metrics") or {}),
         )
 
     def count(self, status: str) -> int:

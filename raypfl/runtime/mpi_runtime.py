@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from raypfl.algorithms.aggregate import MODEL, Aggregate, Arrays
+from raypfl.algorithms.aggregate import MODEL, Aggregate, Arrays, Stacked
 from raypfl.algorithms.base import ServerSnapshot
 from raypfl.config import RuntimeSpec
 from raypfl.errors import ConfigError
@@ -77,13 +77,17 @@ class MPIRuntime:
         self.setup = setup
         self.worker = ClientWorker(setup)
         self.parallelism = self.size
-        self.sticky = setup.algorithm.stateful_clients
+        self.sticky = setup.stateful_clients
         self.test_ranges = split_range(len(setup.dataset.test_y), self.size)
         self.broadcast = _buffers(initial.broadcast)
         self.layout = _layout(self.broadcast)  # every rank's buffers: the same names, shapes and dtypes
         if self.is_driver or self.mode == "allgather":
             self.server = ParameterServer(
-                self.broadcast, setup.algorithm.server_update, version=initial.version, state=initial.state
+                self.broadcast,
+                setup.algorithm.server_update,
+                version=initial.version,
+                state=initial.state,
+                finalize=setup.finalize,
             )
         if self.is_driver:
             log.info("mpi runtime: %d ranks, mode %s", self.size, self.mode)
@@ -151,6 +155,29 @@ class MPIRuntime:
         ]
         # the clients' states stay on this rank
         partial, metrics, _ = self.worker.train_cohort(self.broadcast, round_idx, mine, work)
+        if isinstance(partial, Stacked):  # a robust aggregator: every client's update, pickled as it is
+            gather = self.comm.gather if self.mode == "server" else self.comm.allgather
+            pairs = (
+                gather((partial, metrics), root=0) if self.mode == "server" else gather((partial, metrics))
+            )
+            if self.mode == "server" and not self.is_driver:
+                return None
+            partials, per_rank = [p for p, _ in pairs], [m for _, m in pairs]
+        else:
+            gathered = self._gather_sums(partial, metrics)
+            if gathered is None:
+                return None
+            partials, per_rank = gathered
+        version = self._aggregate(partials, len(cohort))
+        if self.mode == "allgather":
+            self._check_replicas()
+        if not self.is_driver:
+            return None
+        return RoundResult.from_workers(version, per_rank, self.server.round_summary())
+
+    def _gather_sums(self, partial: Aggregate, metrics: list[dict]) -> tuple[list[Aggregate], list] | None:
+        """Every rank's partial sums on rank 0 (every rank, in allgather mode): one `Gather` of float64
+        buffers per statistic; None on ranks that receive nothing."""
         shapes = {name: total.shape for name, total in partial.totals.items()}
         # the small part first, to every rank: then each knows every statistic's name and shape
         metas = self.comm.allgather(
@@ -169,20 +196,20 @@ class MPIRuntime:
                 self.comm.Allgather(send, received[name])
         if self.mode == "server" and not self.is_driver:
             return None
-        version = self._aggregate(received, metas, len(cohort))
-        if self.mode == "allgather":
-            self._check_replicas()
-        if not self.is_driver:
-            return None
-        return RoundResult.from_workers(version, [m[3] for m in metas], self.server.round_summary())
+        partials = [
+            Aggregate(
+                {name: received[name][rank] for name in shapes}, dict(weights), list(clients), list(rejected)
+            )
+            for rank, (weights, clients, rejected, _, shapes) in enumerate(metas)
+        ]
+        return partials, [meta[3] for meta in metas]
 
-    def _aggregate(self, received: dict[str, np.ndarray], metas: list[tuple], cohort_size: int) -> int:
+    def _aggregate(self, partials: list[Aggregate], cohort_size: int) -> int:
         """Push every rank's partial (in rank order) to this rank's parameter server; adopt the result."""
         version = self.server.latest
         self.server.expect(version, self.size, cohort_size)
-        for rank, (weights, clients, rejected, _, shapes) in enumerate(metas):
-            totals = {name: received[name][rank] for name in shapes}
-            self.server.push(version, Aggregate(totals, dict(weights), list(clients), list(rejected)))
+        for partial in partials:
+            self.server.push(version, partial)
         broadcast = _buffers(self.server.pull_latest()[1])
         if _layout(broadcast) != self.layout:
             raise ValueError(

@@ -27,7 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from raypfl.algorithms.aggregate import Aggregate, Arrays
+from raypfl.algorithms.aggregate import Aggregate, Arrays, Stacked
+
+#: What the server does to a round's aggregate before the server half (raypfl.runtime.finalize):
+#: (aggregate, version) -> (aggregate, metrics).
+Finalize = Callable[[Aggregate, int], tuple[Aggregate, dict[str, float]]]
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +97,14 @@ class _OpenRound:
     def drain(self) -> None:
         """Merge the waiting slots that are next in line."""
         while self.next_slot in self.waiting:
-            self.aggregate.merge(self.waiting.pop(self.next_slot))
+            self.fold(self.waiting.pop(self.next_slot))
             self.next_slot += 1
+
+    def fold(self, partial: Aggregate) -> None:
+        """Merge one partial; stacked partials (a robust aggregator) make the round's aggregate a stack."""
+        if isinstance(partial, Stacked) and not isinstance(self.aggregate, Stacked):
+            self.aggregate = Stacked(clients=self.aggregate.clients, rejected=self.aggregate.rejected)
+        self.aggregate.merge(partial)
 
 
 class ParameterServer(VersionedWeights):
@@ -110,8 +120,11 @@ class ParameterServer(VersionedWeights):
         keep_versions: int = 2,
         version: int = 0,
         state: dict[str, Any] | None = None,
+        finalize: Finalize | None = None,
     ):
         super().__init__(broadcast, keep_versions, version)
+        self.finalize = finalize
+        self.last_metrics: dict[str, float] = {}
         self.states: dict[int, dict[str, Any]] = {version: dict(state or {})}
         self.server_update = server_update
         self.rounds: dict[int, _OpenRound] = {}  # version -> the round building on it
@@ -129,6 +142,8 @@ class ParameterServer(VersionedWeights):
         if version != self.latest:
             raise ValueError(f"cannot open a round on version {version}: latest is {self.latest}")
         self.rounds[version] = _OpenRound(num_pushes, quorum)
+        if num_pushes <= 0:  # an empty cohort (clients.selection=poisson): nothing to wait for
+            self._close(version, time.perf_counter())
 
     def push(self, version: int, update: Aggregate, slot: int | None = None) -> bool:
         """Add an update computed from `version`; returns True if it completed the round.
@@ -143,7 +158,7 @@ class ParameterServer(VersionedWeights):
         start = time.perf_counter()
         open_round = self.rounds[version]
         if slot is None:
-            open_round.aggregate.merge(update)
+            open_round.fold(update)
         elif slot < open_round.next_slot or slot in open_round.waiting:
             log.warning("ignored a second push of slot %d for version %d", slot, version)
             return False
@@ -166,11 +181,14 @@ class ParameterServer(VersionedWeights):
     def _close(self, version: int, start: float) -> None:
         open_round = self.rounds.pop(version)
         for slot in sorted(open_round.waiting):  # closed early: what arrived, still in slot order
-            open_round.aggregate.merge(open_round.waiting.pop(slot))
+            open_round.fold(open_round.waiting.pop(slot))
         aggregate, quorum = open_round.aggregate, open_round.quorum
         current, state = self.versions[version], self.states[version]
         answered = len(aggregate.clients) + len(aggregate.rejected)
         self.last_quorum_met = answered >= quorum
+        self.last_metrics = {}
+        if self.finalize is not None and self.last_quorum_met:
+            aggregate, self.last_metrics = self.finalize(aggregate, version)
         if not self.last_quorum_met:
             log.warning(
                 "round on version %d: %d answers < quorum %d; global model unchanged",
@@ -181,8 +199,9 @@ class ParameterServer(VersionedWeights):
             self._publish(current, state)
         elif aggregate.has_weight:
             self._publish(*self.server_update(current, state, aggregate))
-        else:  # every update was rejected: the global model stays as it was
-            log.warning("round on version %d aggregated no update; global model unchanged", version)
+        else:  # every update was rejected (or nobody was selected): the global model stays as it was
+            if answered:
+                log.warning("round on version %d aggregated no update; global model unchanged", version)
             self._publish(current, state)
         self.last_aggregate = aggregate
         self.aggregate_s = self._round_aggregate_s + time.perf_counter() - start
@@ -223,4 +242,5 @@ class ParameterServer(VersionedWeights):
             "aggregate_s": self.aggregate_s,
             "quorum_met": self.last_quorum_met,
             "stale_pushes": self.stale_pushes,
+            "server_metrics": dict(self.last_metrics),  # what the finalizer reported (e.g. dp_noise_std)
         }

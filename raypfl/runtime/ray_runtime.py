@@ -167,7 +167,7 @@ class RayRuntime:
         self._actor_cls = actor_cls
         self.actors = [self.new_actor() for _ in range(num_actors)]
         self.recovery = ActorRecovery(self)
-        self.sticky = setup.algorithm.stateful_clients
+        self.sticky = setup.stateful_clients
         self._open(initial)  # its process starts while the client actors start
         self._ready_refs = [actor.ready.remote() for actor in self.actors]
 
@@ -241,7 +241,9 @@ class RayRuntime:
         server_cls = ray.remote(ParameterServer).options(num_cpus=0)
         update = self.setup.algorithm.server_update
         state = self.state_ref(version)
-        self.server = server_cls.remote(broadcast_ref, update, self.keep_versions, version, state)
+        self.server = server_cls.remote(
+            broadcast_ref, update, self.keep_versions, version, state, self.setup.finalize
+        )
 
     def locate_server(self, labels: dict) -> None:
         # the parameter server has no method for this; __ray_call__ runs the function inside any actor

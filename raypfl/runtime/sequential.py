@@ -44,6 +44,7 @@ class SequentialRuntime:
             self.keep_versions,
             initial.version,
             initial.state,
+            setup.finalize,
         )
 
     def run_round(self, plan: RoundPlan, on_submitted: Callable[[], None] | None = None) -> RoundResult:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -31,3 +32,18 @@ class FederationSetup:
     speed: np.ndarray | None = None  # per-client slowdown factors >= 1 (None: every client at full speed)
     vectorize: bool = False  # train a worker's clients in lock-step (`runtime.vectorize`)
     eval_local: int = 0  # test each client's local model on this many test images (`train.eval_clients`)
+    attack: Any = None  # raypfl.attacks.Attack: the malicious clients and what they do (None: no attack)
+    postprocess: Any = None  # raypfl.postprocess.ClientPipeline: client steps on each update (None: none)
+    finalize: Any = None  # raypfl.runtime.finalize.RoundFinalizer: robust aggregator, server steps (None)
+
+    @property
+    def stacks(self) -> bool:
+        """True if workers send their clients' updates stacked (a robust aggregator needs each of them)."""
+        return self.finalize is not None and self.finalize.aggregator is not None
+
+    @property
+    def stateful_clients(self) -> bool:
+        """True if clients keep state across rounds: the algorithm's or a postprocessor's (error feedback)."""
+        return self.algorithm.stateful_clients or bool(
+            self.postprocess is not None and self.postprocess.stateful
+        )

@@ -17,10 +17,11 @@ import numpy as np
 import torch
 
 from raypfl import seeding
-from raypfl.algorithms.aggregate import MODEL, Aggregate, Arrays, ClientUpdate
+from raypfl.algorithms.aggregate import MODEL, Aggregate, Arrays, ClientUpdate, Stacked
 from raypfl.algorithms.base import ClientContext
 from raypfl.models.weights import set_flat, shared_tensor
 from raypfl.models.zoo import build_model
+from raypfl.postprocess.state import join_state, split_state
 from raypfl.runtime.base import work_amount
 from raypfl.runtime.setup import FederationSetup
 from raypfl.training.local import evaluate
@@ -81,6 +82,7 @@ class ClientWorker:
         self.client_states: dict[int, Any] = {}  # used when the driver does not pass states (MPI ranks)
         self.cancelled_round = 0
         self.incarnation = os.getpid()
+        self._flipped_y: torch.Tensor | None = None  # attack.kind=label_flip: the poisoned labels, made once
 
     def _new_model(self) -> torch.nn.Module:
         data = self.setup.dataset
@@ -108,7 +110,7 @@ class ClientWorker:
         `train.*` per client (load balancing); `states` are the clients' states kept by the driver
         (None: this worker's own copies).
         """
-        partial = Aggregate()
+        partial = Stacked() if self.setup.stacks else Aggregate()
         metrics: list[dict[str, Any]] = []
         new_states: dict[int, Any] = {}
         own_states = states is None
@@ -126,9 +128,7 @@ class ClientWorker:
             if update is not None:
                 row["accepted"] = partial.add(update)
                 row["status"] = "ok" if row["accepted"] else "rejected"
-                if (
-                    self.algorithm.stateful_clients and row["accepted"]
-                ):  # a rejected update's state is not kept
+                if self.setup.stateful_clients and row["accepted"]:  # a rejected update's state is not kept
                     new_states[client] = state
                     if own_states:
                         self.client_states[client] = state
@@ -177,6 +177,7 @@ class ClientWorker:
                     return None, None, {**row, "status": "failed", "seconds": time.perf_counter() - start}
                 time.sleep(faults.retry_backoff_s * 2**attempt if faults is not None else 0.0)
         compute = time.perf_counter() - attempt_start  # the successful attempt's training time
+        update, state, nbytes = self._postprocess(update, state, states.get(client), round_idx)
         if fate.corrupt:  # every statistic of the update is corrupted
             for name, vector in update.statistics.items():
                 vector = update.statistics[name] = vector.copy()
@@ -187,8 +188,26 @@ class ClientWorker:
             update.metrics["local_acc"] = correct / max(count, 1)
         if not self._slow_down(client, round_idx, compute):
             return None, None, {**row, **update.metrics, "status": "cancelled", "seconds": compute}
-        row["bytes_up"] = update.nbytes
+        row["bytes_up"] = nbytes
         return update, state, {**row, **update.metrics, "seconds": time.perf_counter() - start}
+
+    def _postprocess(
+        self, update: ClientUpdate, state: Any, stored: Any, round_idx: int
+    ) -> tuple[ClientUpdate, Any, int]:
+        """A malicious client's attack on its update, then the client steps (`postprocess`): the update
+        the server gets, the client's state to keep (the algorithm's, with the steps' own, e.g. an error
+        feedback residual) and the bytes it would cost on the wire."""
+        if self.setup.attack is not None:
+            update = self.setup.attack.poison_update(update, round_idx)
+        pipeline = self.setup.postprocess
+        if pipeline is None:
+            return update, state, update.nbytes
+        _, steps_state = split_state(stored)
+        update, steps_state, nbytes, metrics = pipeline.apply(
+            update, steps_state, self.setup.seed, round_idx, update.client
+        )
+        update.metrics.update(metrics)
+        return update, join_state(state, steps_state), nbytes
 
     def _client_update(
         self,
@@ -201,7 +220,7 @@ class ClientWorker:
         if self.rebuild_model:
             self.model = self._new_model()
         set_flat(self.model, broadcast[MODEL])
-        state = states.get(client)
+        state, _ = split_state(states.get(client))  # the algorithm's part (a postprocessor may keep its own)
         ctx = self._context(client, round_idx, work, copy.deepcopy(state) if state is not None else None)
         torch.manual_seed(
             ctx.generator.initial_seed()
@@ -235,7 +254,7 @@ class ClientWorker:
         rows = []
         for client, (update, _) in zip(clients, updates):
             row = {"round": round_idx, "client": client, "attempts": 1, "work": work_amount(work.get(client))}
-            row["bytes_up"] = update.nbytes
+            update, _, row["bytes_up"] = self._postprocess(update, None, None, round_idx)  # stateless steps
             rows.append((update, {**row, **update.metrics, "seconds": share}))
         return rows
 
@@ -244,10 +263,21 @@ class ClientWorker:
         when the partition generates it (`client_data(client, round)` on the partition, e.g. synthetic)."""
         partition = self.setup.partition
         generate = getattr(partition, "client_data", None)
+        poisoned = self.setup.attack is not None and self.setup.attack.poisons_data
+        poisoned = poisoned and self.setup.attack.attacks(client)
         if generate is None:
-            return self.x, self.y, partition.indices(client, round_idx)
+            return self.x, self._poisoned_y() if poisoned else self.y, partition.indices(client, round_idx)
         x, y = generate(client, round_idx)
+        if poisoned:
+            y = self.setup.attack.flip_labels(np.asarray(y), self.setup.dataset.num_classes)
         return shared_tensor(x), shared_tensor(y), np.arange(len(y), dtype=np.int64)
+
+    def _poisoned_y(self) -> torch.Tensor:
+        """Every training label flipped (attack.kind=label_flip); malicious clients index into it."""
+        if self._flipped_y is None:
+            flipped = self.setup.attack.flip_labels(self.y.numpy(), self.setup.dataset.num_classes)
+            self._flipped_y = torch.from_numpy(np.ascontiguousarray(flipped))
+        return self._flipped_y
 
     def client_test_data(self, client: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of one client's held-out samples (`partition.client_test_fraction`)."""
@@ -272,7 +302,7 @@ class ClientWorker:
             loss, correct, count = evaluate(self.model, x, y)
             row = {"client": client, "eval_samples": count, "eval_acc": correct / max(count, 1)}
             row["eval_loss"] = loss / max(count, 1)
-            personal = self.algorithm.personal_model(states.get(client), broadcast)
+            personal = self.algorithm.personal_model(split_state(states.get(client))[0], broadcast)
             if personal is not None:
                 set_flat(self.model, personal)
                 loss, correct, count = evaluate(self.model, x, y)

@@ -45,6 +45,13 @@ METRIC_COLUMNS = [
     "personal_acc_mean",
     "personal_acc_worst10",
     "personal_acc_std",
+    # the update pipeline: epsilon spent so far (central_dp), the noise std in the released mean, the
+    # fraction of updates clipped and their median norm before clipping (clip), malicious clients (attack)
+    "epsilon",
+    "dp_noise_std",
+    "clipped_frac",
+    "update_norm_median",
+    "attackers",
 ]
 CLIENT_COLUMNS = [
     "round",
@@ -69,6 +76,9 @@ CLIENT_COLUMNS = [
     "eval_loss",
     "personal_acc",  # the client's personal model on them (personalized algorithms)
     "personal_loss",
+    "update_norm",  # the client's model update's l2 norm before clipping (postprocess=[clip, ...])
+    "clipped",  # 1 if clip scaled it down
+    "malicious",  # 1 for an attacker's update (attack.*)
 ]
 
 

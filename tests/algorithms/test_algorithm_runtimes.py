@@ -45,6 +45,7 @@ from raypfl.driver.experiment import run_experiment
 from raypfl.jobs.checkpoint import load_checkpoint, save_checkpoint
 from raypfl.models.io import initial_weights
 from raypfl.models.zoo import build_model
+from raypfl.postprocess.state import split_state
 from raypfl.runtime.parameter_server import ParameterServer
 from raypfl.runtime.ray_runtime import RayRuntime
 from raypfl.runtime.sequential import SequentialRuntime
@@ -72,14 +73,42 @@ CHOICE = {
     USER_ALGORITHM: ["algorithm=custom", "algorithm._target_=examples.fedexp.FedExP"],
     USER_MODEL: ["algorithm=fedavg", "model._target_=examples.my_model.make_net", "+model.hidden=32"],
 }
-ON_EVERY_RUNTIME = [*ALGORITHMS, USER_ALGORITHM, USER_MODEL]
+#: The update pipeline (issue 16) on every runtime too: compression with error feedback (residuals are client
+#: state), DP-FedAvg with Poisson cohorts (noise drawn once per version by the server) and a robust aggregator
+#: of stacked updates under attack (its clients' rows sorted by id wherever they were trained).
+PIPELINES = {
+    "fedavg-compress": [
+        "algorithm=fedavg",
+        "postprocess=[clip,topk,quantize]",
+        "clip.bound=2.0",
+        "topk.fraction=0.1",
+    ],
+    "fedavg-dp": [
+        "algorithm=fedavg",
+        "algorithm.weighting=uniform",
+        "clients.selection=poisson",
+        "postprocess=[clip,central_dp]",
+        "privacy.noise_multiplier=0.8",
+        "privacy.noise_cohort_size=400",
+        "privacy.population=800",
+    ],
+    "scaffold-trimmed-attack": [
+        "algorithm=scaffold",
+        "aggregator=trimmed_mean",
+        "aggregator.beta=0.25",
+        "attack.kind=sign_flip",
+        "attack.fraction=0.25",
+    ],
+}
+CHOICE.update(PIPELINES)
+ON_EVERY_RUNTIME = [*ALGORITHMS, USER_ALGORITHM, USER_MODEL, *PIPELINES]
 #: FedYogi and FedAdagrad are FedAdam's class with another second moment (one line of its server update, which
 #: no runtime looks inside): on Ray and in a warm start they run like every algorithm, while the MPI job (and
 #: its crash runs) checks FedAdam for the three, to keep the suite's time. FedProx has no state to lose: its
 #: crash run would be FedAvg's (tests/driver/test_faults.py).
 SAME_CLASS_AS_FEDADAM = ("fedyogi", "fedadagrad")
 ON_MPI = [alg for alg in ON_EVERY_RUNTIME if alg not in SAME_CLASS_AS_FEDADAM]
-CRASHED = [alg for alg in ALGORITHMS if alg not in (*SAME_CLASS_AS_FEDADAM, "fedprox")]
+CRASHED = [alg for alg in [*ALGORITHMS, *PIPELINES] if alg not in (*SAME_CLASS_AS_FEDADAM, "fedprox")]
 FEDOPT = ("fedadam", "fedyogi", "fedadagrad")
 BASE = [
     "model=mlp",
@@ -133,16 +162,30 @@ class Final:
 
     @classmethod
     def of_checkpoint(cls, state: dict) -> Final:
-        return cls(state["broadcast"], state["server_state"], state["planner"]["client_states"])
+        return cls(state["broadcast"], state["server_state"], _flat(state["planner"]["client_states"]))
 
     @classmethod
     def of_result(cls, result) -> Final:
-        return cls(result.server.broadcast, result.server.state, result.client_states)
+        return cls(result.server.broadcast, result.server.state, _flat(result.client_states))
 
     @classmethod
     def of_arrays(cls, arrays) -> Final:
         parts = unflatten(arrays)
         return cls(parts["broadcast"], parts["state"], None)
+
+
+def _flat(states: dict) -> dict:
+    """Client states as one array each: a postprocessor's composite state (the algorithm's state and, e.g.,
+    top-k's error-feedback residual) is concatenated in a fixed order."""
+
+    def flat(state):
+        algorithm, steps = split_state(state)
+        if steps is None:
+            return state
+        parts = [] if algorithm is None else [np.ravel(algorithm)]
+        return np.concatenate([*parts, *(np.ravel(steps[k]) for k in sorted(steps))])
+
+    return {client: flat(state) for client, state in states.items()}
 
 
 def differences(got: Final, want: Final) -> dict[str, float]:
@@ -364,10 +407,11 @@ class Kept:
 class KeptActors(RayRuntime):
     """A RayRuntime whose actors outlive it: the next run's runtime re-initialises them in place, each
     with its own constructor and the new run's arguments (`ClientWorker.__init__` with the new setup,
-    `ParameterServer.__init__` with the new broadcast, server update and state), instead of starting new
-    processes. Here a client actor costs 5-15 s (a process importing torch, then torch._dynamo on its first
-    optimizer step) and the parameter-server actor ~2 s, a run's three rounds ~0.3 s; test_runtimes.py
-    runs fresh actors. `wait_for_actors`: `ready()` waits for the actors (a deterministic warm start)."""
+    `ParameterServer.__init__` with the new broadcast, server update, state and finalizer), instead of
+    starting new processes. Here a client actor costs 5-15 s (a process importing torch, then torch._dynamo
+    on its first optimizer step) and the parameter-server actor ~2 s, a run's three rounds ~0.3 s;
+    test_runtimes.py runs fresh actors. `wait_for_actors`: `ready()` waits for the actors (a deterministic
+    warm start)."""
 
     def __init__(self, spec, kept: Kept, wait_for_actors: bool = False):
         super().__init__(spec)
@@ -388,7 +432,13 @@ class KeptActors(RayRuntime):
         self.server, self.kept.server = self.kept.server, None
         update, state = self.setup.algorithm.server_update, self.state_ref(version)
         self.server.__ray_call__.remote(
-            ParameterServer.__init__, broadcast_ref, update, self.keep_versions, version, state
+            ParameterServer.__init__,
+            broadcast_ref,
+            update,
+            self.keep_versions,
+            version,
+            state,
+            self.setup.finalize,
         )
 
     def ready(self) -> bool:
@@ -454,7 +504,9 @@ def test_ray_gives_the_sequential_model_and_state(alg, uninterrupted, ray_result
     sequential = uninterrupted(alg).after[3]
     assert_not_initial(alg, sequential, 3)
     result, client_rows = ray_results(alg)
-    assert [r["clients"] for r in result.rounds] == [4, 4, 4]
+    cohorts = [r["clients"] for r in uninterrupted(alg).result.rounds[:3]]  # Poisson cohorts vary in size
+    assert [r["clients"] for r in result.rounds] == cohorts
+    assert alg == "fedavg-dp" or cohorts == [4, 4, 4]
     assert {r["actor"] for r in client_rows if r["status"] != "eval"} == {0, 1}  # partials were summed
     found = assert_close(Final.of_result(result), sequential, "ray vs sequential")
     print(alg, "ray vs sequential", max(found.values()))
@@ -671,6 +723,12 @@ def test_sigkill_after_round_3_and_resume_gives_the_uninterrupted_run(
         assert sorted(resumed.client_states) == sorted(cohorts_until(load_checkpoint(tmp_path), 6))
     if alg in PERSONAL:  # and each client's personal model scored the same on its held-out data
         assert summary(resumed.rounds[-1]) == summary(whole.result.rounds[-1]) != {}
+    if alg == "fedavg-compress":  # every client's error-feedback residual came back, went on
+        assert sorted(resumed.client_states) == sorted(cohorts_until(load_checkpoint(tmp_path), 6))
+    if alg == "fedavg-dp":  # the same noise multiplier, so the same epsilon column, and noise was added
+        column = [(r["epsilon"], r["dp_noise_std"]) for r in resumed.rounds]
+        assert column == [(r["epsilon"], r["dp_noise_std"]) for r in whole.result.rounds]
+        assert 0 < column[0][0] < column[-1][0] and column[0][1] == 0.8 * 1.0 / 400
 
 
 #: What a resume that lost state would start from: the server side re-initialised (`server_init` of the

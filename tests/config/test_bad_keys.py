@@ -199,6 +199,7 @@ def test_a_run_that_never_averaged_an_update_is_not_a_success():
     [
         ("foo=1", "error: foo=1: unknown key foo"),
         ("dataset.train_limit=0", "error: dataset.train_limit=0 must be an integer >= 1"),
+        ("clip.bound=0", "error: clip.bound=0 must be > 0"),  # the update pipeline (test_updates.py)
     ],
 )
 def test_command_line_exits_2_with_one_line(arg, expected, tmp_path):

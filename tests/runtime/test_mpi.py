@@ -118,3 +118,16 @@ def test_allgather_replica_check_catches_divergence():
     runtime.weights = np.ones(4, np.float32)
     with pytest.raises(ReplicaDivergence, match="replicas differ"):
         runtime._check_replicas()
+
+
+@pytest.mark.slow
+def test_allgather_replicas_combine_stacked_updates_alike(tmp_path, data_root):
+    """A robust aggregator under attack: every rank allgathers the stacked (pickled) updates and combines them
+    itself; the replicas agree (checked every round) and equal the sequential run (rows sorted by client id:
+    the same bits)."""
+    robust = ["clients.num=6", "clients.per_round=5", "aggregator=krum", "aggregator.f=1"]
+    robust += ["attack.kind=sign_flip", "attack.fraction=0.3"]
+    proc = mpirun(2, tmp_path / "mpi", "runtime.mpi_mode=allgather", *robust)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sequential = run_experiment(make_config(*TINY_MPI, "runtime=sequential", *robust), tmp_path / "seq")
+    np.testing.assert_array_equal(saved_weights(tmp_path / "mpi"), sequential.weights)

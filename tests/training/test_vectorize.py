@@ -130,8 +130,11 @@ def test_vectorized_run_after_one_step_matches_plain(data_root, tmp_path):
         ["model=tiny_cnn", "dataset.train_limit=800"],
         ["optim.momentum=0.9", "optim.weight_decay=0.001"],
         ["partition=quantity_skew", "partition.min_size=40", "partition.max_size=300", "train.batch_size=7"],
+        # the stateless client steps act on lock-step clients' updates as on plain ones (same wire bytes)
+        ["postprocess=[clip,topk,quantize]", "clip.bound=2", "topk.fraction=0.1"]
+        + ["topk.error_feedback=false"],
     ],
-    ids=["cnn", "mlp-momentum", "uneven"],
+    ids=["cnn", "mlp-momentum", "uneven", "postprocess"],
 )
 def test_vectorized_runs_see_what_plain_runs_see(data_root, tmp_path, overrides):
     """Claim 3: over three rounds, the same cohorts, steps and samples, and accuracy within a point."""
