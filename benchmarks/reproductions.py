@@ -100,13 +100,21 @@ STUDIES["dp"] = (
     [
         ("no DP (no clipping, no noise)", ["postprocess=[]", "privacy.epsilon=null"]),
         ("eps=inf (clipping only)", ["postprocess=[clip]", "privacy.epsilon=null"]),
-        *[(f"eps={eps}", [f"privacy.epsilon={eps}"]) for eps in (8, 4, 2, 1)],
+        *[
+            (f"eps={eps}, {label}", [f"privacy.epsilon={eps}", *extra])
+            for label, extra in (
+                ("M=1000 of P=100000", []),
+                ("M=100 of P=10000", ["privacy.noise_cohort_size=100", "privacy.population=10000"]),
+            )
+            for eps in (8, 4, 2, 1)
+        ],
         (
             "eps=8, noise for the simulated cohort (M=10 of P=100)",
             ["privacy.epsilon=8", "privacy.noise_cohort_size=null", "privacy.population=null"],
         ),
     ],
 )
+HALF = ["clients.num=20", "dataset.train_limit=12000"]
 STUDIES["compress"] = (
     "compress",
     [
@@ -118,6 +126,12 @@ STUDIES["compress"] = (
         ("8-bit quantization", ["postprocess=[quantize]", "quantize.bits=8"]),
         ("4-bit quantization", ["postprocess=[quantize]", "quantize.bits=4"]),
         ("top-k 10% + 8-bit, error feedback", ["postprocess=[topk,quantize]", "topk.fraction=0.1"]),
+        # half the clients every round (20 of 600 images each): a residual returns every ~2 rounds, not ~10
+        *[
+            (f"top-k 1%, {ef}, 10 of 20 clients", ["topk.fraction=0.01", *flag, *HALF])
+            for ef, flag in (("error feedback", []), ("no error feedback", ["topk.error_feedback=false"]))
+        ],
+        ("uncompressed, 10 of 20 clients", ["postprocess=[]", *HALF]),
     ],
 )
 #: Studies run on the sequential runtime (many short runs: no Ray start-up each)
@@ -215,7 +229,8 @@ def write_tables(study: str, records: list[dict], curves: dict[str, list[dict[st
         cells = []
         for column in columns:
             value = record.get(column, "")
-            if column.endswith(("_acc", "_mean", "_worst10", "_std", "acc_last10")) and value != "":
+            percent = column.endswith(("_acc", "_mean", "_worst10", "_std", "acc_last10"))
+            if percent and column != "dp_noise_std" and value != "":
                 value = f"{100 * float(value):.2f}"  # percent
             elif column in ("test_loss", "loss_last10", "train_loss_all") and value != "":
                 value = f"{float(value):.4f}"
