@@ -14,6 +14,10 @@ from raypfl.validation import validate
 from tests.conftest import make_config
 
 SMALL = ["dataset.train_limit=4000", "dataset.test_limit=1000", "distributed.eval_samples=2000"]
+#: Passes over the 4,000 images each paradigm run makes: one is enough for the synchronous and asynchronous
+#: parameter servers and all-reduce to pass 80% (84-86%; chance is 0.1); gossip's nodes average only with
+#: their ring neighbours, and it needs two (80%; 79% after one).
+EPOCHS = {"ps_sync": 1, "allreduce": 1, "ps_async": 1, "gossip": 2}
 
 
 def run(tmp_path, experiment: str, *overrides: str):
@@ -29,14 +33,14 @@ def read(path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def sync_runs(tmp_path_factory, data_root, ray_session) -> dict:
-    """ps_sync and allreduce, 2 epochs each, same seed and shards (shared by the tests below)."""
+    """ps_sync and allreduce, 1 epoch each, same seed and shards (shared by the tests below)."""
     out = tmp_path_factory.mktemp("sync")
-    return {name: run(out, name, "distributed.epochs=2") for name in ("ps_sync", "allreduce")}
+    return {name: run(out, name, f"distributed.epochs={EPOCHS[name]}") for name in ("ps_sync", "allreduce")}
 
 
 @pytest.fixture(scope="module")
 def async_run(tmp_path_factory, data_root, ray_session):
-    """ps_async, 2 epochs, worker 1 a straggler; (result, the log messages of the run)."""
+    """ps_async, 1 epoch, worker 1 a straggler; (result, the log messages of the run)."""
     import logging
 
     messages: list[str] = []
@@ -48,7 +52,8 @@ def async_run(tmp_path_factory, data_root, ray_session):
     logger.setLevel(logging.INFO)
     try:
         straggler = ["distributed.straggler=1", "distributed.straggler_delay_s=0.05"]
-        result = run(tmp_path_factory.mktemp("async"), "ps_async", "distributed.epochs=2", *straggler)
+        epochs = f"distributed.epochs={EPOCHS['ps_async']}"
+        result = run(tmp_path_factory.mktemp("async"), "ps_async", epochs, *straggler)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
@@ -61,20 +66,22 @@ def gossip_run(tmp_path_factory, data_root, ray_session):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_SILENT", "true")
-        return run(tmp_path_factory.mktemp("gossip"), "gossip", "distributed.epochs=2", "logger=wandb")
+        epochs = f"distributed.epochs={EPOCHS['gossip']}"
+        return run(tmp_path_factory.mktemp("gossip"), "gossip", epochs, "logger=wandb")
 
 
 @pytest.fixture(params=["ps_sync", "ps_async", "allreduce", "gossip"])
-def two_epoch_run(request, sync_runs, async_run, gossip_run):
+def paradigm_run(request, sync_runs, async_run, gossip_run):
     runs = {**sync_runs, "ps_async": async_run[0], "gossip": gossip_run}
     return request.param, runs[request.param]
 
 
-def test_paradigm_learns_and_leaves_its_outputs(two_epoch_run):
-    experiment, result = two_epoch_run
+def test_paradigm_learns_and_leaves_its_outputs(paradigm_run):
+    experiment, result = paradigm_run
     rows = result.rounds
-    assert rows[-1]["samples"] >= 8000 and rows[-1]["epoch"] >= 2.0
-    assert result.final_accuracy > 0.8  # 2 epochs of 4,000 images; chance is 0.1
+    epochs = EPOCHS[experiment]
+    assert rows[-1]["samples"] >= 4000 * epochs and rows[-1]["epoch"] >= epochs
+    assert result.final_accuracy > 0.8  # 1 or 2 epochs of 4,000 images (EPOCHS); chance is 0.1
     assert rows[0]["samples"] < rows[-1]["samples"] and rows[-1]["wall_s"] > 0
     out = result.out_dir
     for name in (
@@ -101,7 +108,7 @@ def test_ps_sync_on_ray_is_the_same_arithmetic_as_in_process(sync_runs):
     from raypfl.paradigms.worker import ShardTrainer
 
     result = sync_runs["ps_sync"]
-    cfg = make_config("+experiment=ps_sync", *SMALL, "distributed.epochs=2")
+    cfg = make_config("+experiment=ps_sync", *SMALL, f"distributed.epochs={EPOCHS['ps_sync']}")
     ctx = build_context(cfg, load_data(cfg))
     steps = result.rounds[-1]["iteration"]
     ps = GradientServer(ctx.weights, ctx.optim, ctx.ps, 2, "sync", ctx.total_samples, 10**9, steps)
@@ -167,13 +174,18 @@ def test_gossip_logs_consensus_and_every_node(gossip_run):
 
 
 def test_compare_writes_one_table_and_plots(tmp_path, data_root, ray_session):
-    """FedAvg's path and a paradigm variant on one budget (each paradigm runs on its own above)."""
+    """FedAvg's path and a paradigm variant on one budget (each paradigm runs on its own above).
+
+    One Ray actor for each (`runtime.num_actors=1`: FedAvg's client actors; `distributed.workers=1`:
+    gossip's node hosts): the table, budgets and plots do not depend on how many there are, and each
+    actor is a process importing torch (two actors and two hosts cost this test ~6 s more)."""
     from raypfl.compare import main
 
     results = tmp_path / "results"
     paradigms = ["fedavg", "gossip_pairwise"]
     args = ["--models", "mlp", "--epochs", "0.3", "--results", str(results), "--out", str(tmp_path / "runs")]
-    assert main([*args, "--paradigms", *paradigms, *SMALL, "gossip.local_steps=1"]) == 0
+    one_actor = ["runtime.num_actors=1", "distributed.workers=1"]
+    assert main([*args, "--paradigms", *paradigms, *SMALL, "gossip.local_steps=1", *one_actor]) == 0
     table = read(results / "compare.csv")
     assert [r["paradigm"] for r in table] == paradigms
     samples = [int(r["samples"]) for r in table]

@@ -138,35 +138,41 @@ def assert_same_run(hit, ref) -> None:
 
 
 @pytest.mark.slow
-def test_a_killed_client_actor_is_replaced_and_the_model_is_unchanged(
+def test_killed_parameter_server_and_client_actor_are_replaced_and_the_model_is_unchanged(
     ray_session, calm, monkeypatch, tmp_path, caplog
 ):
-    """Killed as round 2 is handed out, before round 1's evaluation is collected: the evaluation part and the
-    round's training on that actor are both redone on its replacement, from the driver's copies of the
-    clients' personal models (Ditto), and every client's held-out score matches too."""
+    """One run, two deaths (one Ray run instead of two: each starts three actor processes).
+
+    The parameter-server actor, killed once round 2's work is sent, is rebuilt from the driver's weights of
+    version 1, and round 3 runs on the new one. Client actor 0, killed as round 3 is handed out, before
+    round 2's evaluation is collected: the evaluation part and the round's training on that actor are both
+    redone on its replacement, from the driver's copies of the clients' personal models (Ditto), and every
+    client's held-out score matches too."""
     extra = tuple(STATEFUL)
     reference = calm(*extra)
-    killed = sigkill_during(monkeypatch, 2, 0, before_settle=True)
+    killed_server = sigkill_during(monkeypatch, 2, "server")
+    killed_client = sigkill_during(monkeypatch, 3, 0, before_settle=True)
     with caplog.at_level("WARNING", logger="raypfl"):
         hit = run_experiment(make_config(*RUN, *RAY, *extra), tmp_path)
-    assert killed
+    assert killed_server and killed_client
+    assert "round 2: the parameter-server actor died; a new one starts from version 1" in caplog.text
     assert "client actor 0 died; a new actor takes its place" in caplog.text
     assert "training them again on actor" in caplog.text
-    assert hit.rounds[1]["retries"] >= 1 and all(r["quorum"] == 1 for r in hit.rounds)
+    assert hit.rounds[2]["retries"] >= 1 and all(r["quorum"] == 1 for r in hit.rounds)
     assert_same_run(hit, reference)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [(), ("faults.max_retries=3",)], ids=["plain", "fault-tolerant"])
-def test_a_killed_parameter_server_is_rebuilt_from_the_drivers_weights(
-    ray_session, calm, monkeypatch, tmp_path, caplog, extra
+def test_a_killed_parameter_server_is_rebuilt_in_fault_tolerant_rounds(
+    ray_session, calm, monkeypatch, tmp_path, caplog
 ):
-    # fault-tolerant rounds (any faults.* set) push one partial per client, in answer order; with 2 clients
-    # per round that is the same float64 sum again (a + b == b + a): one reference for both
+    """As above, in fault-tolerant rounds (any faults.* set), which push one partial per client, in answer
+    order; with 2 clients per round that is the same float64 sum again (a + b == b + a): the plain
+    reference. (Plain rounds: the test above.)"""
     reference = calm()
     killed = sigkill_during(monkeypatch, 2, "server")
     with caplog.at_level("WARNING", logger="raypfl"):
-        hit = run_experiment(make_config(*RUN, *RAY, *extra), tmp_path)
+        hit = run_experiment(make_config(*RUN, *RAY, "faults.max_retries=3"), tmp_path)
     assert killed
     assert "the parameter-server actor died; a new one starts from version 1" in caplog.text
     assert_same_run(hit, reference)

@@ -39,6 +39,10 @@ SMALL_DATA = {
 }
 
 
+#: Experiments whose cohorts are Poisson draws: a fixed-size cohort for the smoke run (2 clients, as asserted)
+FIXED_SIZE = {"dp_fedavg": ["clients.selection=random"]}
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_config_composes_and_runs_one_round(name, tmp_path, data_root, ray_session):
     overrides = [
@@ -47,6 +51,7 @@ def test_every_experiment_config_composes_and_runs_one_round(name, tmp_path, dat
         "clients.num=4",
         "clients.per_round=2",
         *SMALL_DATA.get(name, ["dataset.train_limit=600", "dataset.test_limit=100"]),
+        *FIXED_SIZE.get(name, []),
     ]
     cfg = make_config(*overrides)
     if cfg.runtime.name == "ray":
