@@ -22,6 +22,8 @@ PARTIAL = 12  # which clients of a cohort do partial work, and how much (clients
 ATTACK = 13  # which clients are malicious, and a gaussian attacker's noise per (round, client)
 POSTPROCESS = 14  # stochastic client postprocessors (quantize, local_dp), per (round, client, step)
 CENTRAL_NOISE = 15  # central DP noise, per server version
+DEVICE = 16  # device profiles of the virtual clock (compute speed, bandwidths)
+STREAM = 17  # asynchronous FL: which idle client starts next, per dispatch; ties of equal finish times
 
 
 def derive_seed(root: int, tag: int, *keys: int) -> int:

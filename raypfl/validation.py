@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from raypfl.config import (
     AttackSpec,
     ClientsSpec,
+    ClockSpec,
     FaultsSpec,
     LoadedDatasetSpec,
     LoggerSpec,
@@ -94,7 +95,9 @@ def validate(cfg: DictConfig) -> RunSpec:
         require(
             clients.joined_by(1) >= 1, "clients.join_schedule must let at least one client join at round 1"
         )
-    _validate_faults(faults, runtime)
+    clock = build_spec(ClockSpec, cfg.get("clock") or {}, "clock")
+    _validate_clock(clock, clients, runtime)
+    _validate_faults(faults, runtime, clock)
     _validate_partial_work(clients, train, faults)
     if runtime.vectorize:
         require(
@@ -121,12 +124,15 @@ def validate(cfg: DictConfig) -> RunSpec:
         report,
         build_spec(AttackSpec, cfg.get("attack") or {}, "attack"),
         build_spec(PrivacySpec, cfg.get("privacy") or {}, "privacy"),
+        clock,
     )
     if paradigm_of(cfg) != FEDERATED:
         return spec
     from raypfl.driver.updates import check_updates
 
     check_updates(cfg, spec, algorithm)  # postprocess, aggregator, attack, privacy
+    if algorithm.asynchronous:
+        _validate_stream(cfg, spec, algorithm.name)
     from raypfl.runtime.placement import PLACEMENTS
 
     require(
@@ -266,8 +272,57 @@ def _validate_partial_work(clients: ClientsSpec, train: TrainSpec, faults: Fault
     )
 
 
-def _validate_faults(faults: FaultsSpec, runtime: RuntimeSpec) -> None:
-    """The faults.* rules that involve the runtime (each key's own range is FaultsSpec's)."""
+def _validate_clock(clock: ClockSpec, clients: ClientsSpec, runtime: RuntimeSpec) -> None:
+    """The clock.* rules: what needs the virtual clock, what it replaces, and a readable device trace."""
+    require(
+        clock.virtual or clients.over_select == 1,
+        f"clients.over_select={clients.over_select} keeps the first clients.per_round to finish, which "
+        "needs clock.name=virtual (on the real clock: raise clients.per_round and set faults.quorum)",
+    )
+    require(
+        not (clock.virtual and clients.speed != "uniform"),
+        f"clients.speed={clients.speed} slows clients with real sleeps; with clock.name=virtual device "
+        "speeds come from clock.* (compute_sps, compute_sigma, trace): set clients.speed=uniform",
+    )
+    if clock.trace:
+        from raypfl.clock import read_trace
+
+        read_trace(clock.trace, clients.num)  # a missing file, column or a bad value fails here
+
+
+def _validate_stream(cfg: DictConfig, spec: RunSpec, name: str) -> None:
+    """What an asynchronous algorithm (a stream of updates, no rounds to close) does not combine with."""
+    where = f"algorithm={name} is asynchronous"
+    runtime, clients, faults = spec.runtime, spec.clients, spec.faults
+    require(runtime.name != "mpi", f"{where}: runtime=mpi has no streaming; use runtime=ray or sequential")
+    require(
+        not faults.active,
+        f"{where}: faults.* (other than crash_after_round) are not supported; a slow client only "
+        "finishes later (clock=virtual models device speeds)",
+    )
+    require(not runtime.vectorize, f"{where}: runtime.vectorize=true trains cohorts; a stream has none")
+    require(
+        clients.over_select == 1 and clients.partial_work_fraction == 0 and not clients.join_schedule,
+        f"{where}: clients.over_select, clients.partial_work_fraction and clients.join_schedule are "
+        "round rules; leave them at their defaults",
+    )
+    aggregator = (cfg.get("aggregator") or {}).get("name", "mean")
+    require(
+        aggregator == "mean",
+        f"{where}: aggregator={aggregator} combines a round's stacked updates; a buffer is a staleness-"
+        "weighted mean (aggregator=mean)",
+    )
+    require(
+        "central_dp" not in spec.root.postprocess,
+        f"{where}: central_dp's accounting assumes sampled rounds; postprocess=[clip, ...] works",
+    )
+
+
+def _validate_faults(faults: FaultsSpec, runtime: RuntimeSpec, clock: ClockSpec) -> None:
+    """The faults.* rules that involve the runtime (each key's own range is FaultsSpec's). On the virtual
+    clock the driver decides deadline and quorum, so they work on every runtime."""
+    if clock.virtual:
+        faults = replace(faults, quorum=1.0, round_timeout_s=None)
     ray_only = [
         key
         for key, asked in (

@@ -11,6 +11,7 @@ from raypfl.algorithms.base import Algorithm, ClientContext, ServerSnapshot, Set
 from raypfl.algorithms.ditto import Ditto
 from raypfl.algorithms.fedavg import FedAvg
 from raypfl.algorithms.fedavgm import FedAvgM
+from raypfl.algorithms.fedbuff import FedBuff
 from raypfl.algorithms.fednova import FedNova
 from raypfl.algorithms.fedopt import FedAdagrad, FedAdam, FedYogi
 from raypfl.algorithms.fedper import FedPer
@@ -35,6 +36,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {
         QFFL,
         Ditto,
         FedPer,
+        FedBuff,
     )
 }
 

@@ -85,6 +85,12 @@ class Aggregate:
         self.clients.extend(other.clients)
         self.rejected.extend(other.rejected)
 
+    def scaled(self, factor: float) -> Aggregate:
+        """This partial with every weighted sum times `factor` and the weights as they are: its updates
+        count `factor` times in a mean over the round's weight (asynchronous FL's staleness discount)."""
+        totals = {name: total * factor for name, total in self.totals.items()}
+        return Aggregate(totals, dict(self.weights), list(self.clients), list(self.rejected))
+
     @property
     def has_weight(self) -> bool:
         """True if some statistic was summed with a positive total weight."""
@@ -126,6 +132,9 @@ class Stacked(Aggregate):
         self.rows[update.client] = (statistics, dict(update.weights))
         self.clients.append(update.client)
         return True
+
+    def scaled(self, factor: float) -> Aggregate:
+        raise TypeError("stacked updates are combined by a robust aggregator; they are not scaled")
 
     def merge(self, other: Aggregate) -> None:
         if not isinstance(other, Stacked):

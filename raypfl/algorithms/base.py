@@ -78,7 +78,14 @@ class Algorithm:
     stateful_clients: ClassVar[bool] = False
     #: The statistics a client sends (central DP checks that clip bounds all of them: only `model`).
     statistics: ClassVar[tuple[str, ...]] = (MODEL,)
+    #: True for asynchronous algorithms (FedBuff): rounds are server steps of a stream of client updates.
+    asynchronous: ClassVar[bool] = False
     setting: Setting | None = field(default=None, init=False, repr=False, compare=False)
+
+    def statistic_sizes(self, model_size: int) -> dict[str, int]:
+        """Values in each statistic a client sends (the virtual clock's upload size): model-sized unless an
+        algorithm says otherwise."""
+        return dict.fromkeys(self.statistics, model_size)
 
     def bind(self, setting: Setting) -> Algorithm:
         """Tell the algorithm about the run; returns itself."""

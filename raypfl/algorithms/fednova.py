@@ -46,6 +46,9 @@ class FedNova(FedAvg):
     name = "fednova"
     statistics = (MODEL, TAU)
 
+    def statistic_sizes(self, model_size: int) -> dict[str, int]:
+        return {MODEL: model_size, TAU: 1}
+
     def check(self) -> None:
         if self.optim.name != "sgd":
             raise ConfigError(

@@ -49,6 +49,9 @@ class QFFL(Algorithm):
     q: float = knob(1.0, ge=0)
     lipschitz: float | None = knob(None, gt=0, null="1/optim.lr")
 
+    def statistic_sizes(self, model_size: int) -> dict[str, int]:
+        return {MODEL: model_size, H: 1}
+
     @property
     def stateful_clients(self) -> bool:  # type: ignore[override]
         return self.optim.persistent_state

@@ -28,6 +28,7 @@ NO_QUORUM_ACTIONS = ("fail", "skip")
 PARTIAL_WORK_POLICIES = ("drop", "keep")
 ATTACK_KINDS = ("none", "sign_flip", "gaussian", "scaled", "label_flip")
 ACCOUNTANTS = ("rdp", "pld")
+CLOCKS = ("real", "virtual")
 #: Ray refuses a smaller object store (ray._private.ray_constants.OBJECT_STORE_MINIMUM_MEMORY_BYTES, 75 MiB).
 RAY_MIN_OBJECT_STORE_MB = 75
 
@@ -51,7 +52,7 @@ class RootSpec:
 GROUPS = (
     "dataset", "model", "partition", "algorithm", "runtime", "logger", "clients", "train", "faults",
     "optim", "distributed", "ps", "gossip", "report", "aggregator", "attack", "privacy",
-    "clip", "topk", "quantize", "local_dp",
+    "clip", "topk", "quantize", "local_dp", "clock",
 )  # fmt: skip
 
 
@@ -144,6 +145,13 @@ class ClientsSpec:
     partial_work_fraction: float = knob(0.0, ge=0, le=1)
     # drop: their updates are discarded (FedAvg in the FedProx paper) | keep: their partial updates count
     partial_work_policy: str = knob("drop", choices=PARTIAL_WORK_POLICIES)
+    # select ceil(over_select x per_round) clients, keep the first per_round to finish (clock=virtual)
+    over_select: float = knob(1.0, ge=1)
+
+    @property
+    def selected(self) -> int:
+        """How many clients a round selects: per_round, over-selected by `over_select`."""
+        return math.ceil(self.over_select * self.per_round - 1e-9)
 
     def joined_by(self, round_idx: int) -> int:
         """How many clients (ids 0..n-1) have joined the federation by `round_idx`."""
@@ -243,6 +251,25 @@ class PrivacySpec:
     population: int | None = knob(None, ge=1, null="clients.num")
 
 
+@dataclass(frozen=True)
+class ClockSpec:
+    """`clock.*`: the machine's real clock, or a virtual clock driven by device profiles (raypfl.clock)."""
+
+    name: str = knob("real", choices=CLOCKS)
+    compute_sps: float = knob(50.0, gt=0)  # median device speed: training samples per second
+    compute_sigma: float = knob(1.0, ge=0)  # speeds ~ compute_sps x LogNormal(0, compute_sigma)
+    down_mbps: float = knob(20.0, gt=0)  # median download bandwidth, Mbit/s
+    up_mbps: float = knob(5.0, gt=0)  # median upload bandwidth, Mbit/s
+    bandwidth_sigma: float = knob(1.0, ge=0)  # bandwidths ~ median x LogNormal(0, bandwidth_sigma)
+    latency_s: float = knob(0.1, ge=0)  # per transfer (download and upload)
+    # a CSV of device profiles (columns: raypfl.clock.profiles.TRACE_COLUMNS); replaces the distributions
+    trace: str | None = knob(None, null="draw profiles from the distributions")
+
+    @property
+    def virtual(self) -> bool:
+        return self.name == "virtual"
+
+
 def optim_spec(cfg: DictConfig) -> OptimSpec:
     return build_spec(OptimSpec, cfg.optim, "optim")
 
@@ -290,6 +317,7 @@ class RunSpec:
     report: ReportSpec
     attack: AttackSpec = field(default_factory=AttackSpec)
     privacy: PrivacySpec = field(default_factory=PrivacySpec)
+    clock: ClockSpec = field(default_factory=ClockSpec)
 
     @property
     def seed(self) -> int:
@@ -310,4 +338,5 @@ def run_spec(cfg: DictConfig) -> RunSpec:
         report=build_spec(ReportSpec, cfg.get("report") or {}, "report"),
         attack=build_spec(AttackSpec, cfg.get("attack") or {}, "attack"),
         privacy=build_spec(PrivacySpec, cfg.get("privacy") or {}, "privacy"),
+        clock=build_spec(ClockSpec, cfg.get("clock") or {}, "clock"),
     )

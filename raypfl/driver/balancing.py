@@ -50,7 +50,8 @@ class WorkloadBalancer:
                     min(self.faults.max_epochs, current + 1) if on_time else max(1, current // 2)
                 )
             elif self.rule == "steps" and on_time and row.get("steps"):
-                per_step = float(row["seconds"]) / int(row["steps"])
+                # on the virtual clock a client's time is its simulated duration
+                per_step = float(row.get("virtual_s", row["seconds"])) / int(row["steps"])
                 old = self.step_seconds.get(client)
                 self.step_seconds[client] = per_step if old is None else 0.5 * old + 0.5 * per_step
             elif self.rule == "steps" and not on_time and client in self.step_seconds:

@@ -7,7 +7,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,9 @@ from raypfl.data.synthetic import SyntheticPartition, synthetic_spec
 from raypfl.driver import client_eval
 from raypfl.driver.planning import RoundPlanner
 from raypfl.driver.result import RunResult
+from raypfl.driver.stream import BufferedRounds, stream_timer
 from raypfl.driver.updates import EpsilonLedger, Updates, build_updates, step_names, update_columns
+from raypfl.driver.virtual import VirtualRounds, virtual_rounds
 from raypfl.errors import ConfigError, RunStopped
 from raypfl.jobs import interrupts
 from raypfl.jobs.checkpoint import (
@@ -85,7 +87,9 @@ def build_setup(
     # runtime starts (not in every worker); checked on two test samples
     probe = check_model(model, dataset.in_shape, dataset.num_classes, dataset.test_x[:2])
     speed = None
-    if clients.speed == "lognormal":  # slowdown factors >= 1: a client never runs faster than the machine
+    if spec.clock.virtual:  # deadline and quorum are decided on virtual time, by the driver (plan.need)
+        faults = replace(faults, round_timeout_s=None, quorum=1.0)
+    elif clients.speed == "lognormal":  # slowdown factors >= 1: a client never runs faster than the machine
         factors = seeding.rng(cfg.seed, seeding.SPEED).lognormal(0.0, clients.speed_sigma, clients.num)
         speed = np.maximum(1.0, factors)
     algorithm = algorithm or build_algorithm(cfg, spec)
@@ -147,7 +151,10 @@ def run_experiment(
             "runtime=ray or runtime=sequential"
         )
     resumed = _load_resume(cfg, train)
-    runtime = build_runtime(spec.runtime)
+    # an asynchronous stream needs the actors from the start (no warm start in the driver)
+    runtime = build_runtime(
+        replace(spec.runtime, warm_start=False) if algorithm.asynchronous else spec.runtime
+    )
     dataset = load_data(cfg)
     z = None if resumed is None else (resumed.get("privacy") or {}).get("noise_multiplier")
     updates = build_updates(cfg, spec, algorithm, spec.clients.num, z)
@@ -158,6 +165,10 @@ def run_experiment(
     else:
         initial, first_round = resumed_snapshot(resumed, setup), resumed["round"] + 1
     broadcast_bytes = sum(int(a.nbytes) for a in initial.broadcast.values())
+    virtual = None
+    if spec.clock.virtual:
+        now = ((resumed or {}).get("clock") or {}).get("now", 0.0)
+        virtual = virtual_rounds(spec, setup, initial, broadcast_bytes, now)
     torch.set_num_threads(setup.torch_threads)
     if not runtime.is_driver:  # an MPI rank other than 0: follow rank 0, write nothing
         try:
@@ -189,6 +200,20 @@ def run_experiment(
             planner.load_state_dict(resumed["planner"])
             tracker.restore(resumed["rows"], resumed["client_rows"])
         pending: PendingRound | None = None  # the last round, until its evaluation is in
+        buffered = None  # asynchronous rounds (FedBuff): the stream of client updates
+        if setup.algorithm.asynchronous:
+            buffered = BufferedRounds(
+                setup.algorithm,
+                runtime.stream(),
+                setup.partition.num_clients,
+                cfg.seed,
+                planner.client_states,
+                stream_timer(virtual),
+            )
+            if resumed is not None:
+                buffered.load_state_dict(resumed["stream"])
+            else:
+                buffered.start()
 
         def settle() -> None:
             """Finish the pending round: its evaluation, metrics row, checkpoint, and stop conditions."""
@@ -198,11 +223,14 @@ def run_experiment(
             done, pending = pending, None
             row, result, ended = done.finish()
             row.update(ledger.row(row["round"]))
+            row.update(done.columns)
             tracker.log_round(row, done.client_rows(), ended)
             round_idx = row["round"]
             every = train.checkpoint_every
             if (every and (round_idx % every == 0 or round_idx == train.rounds)) or not result.quorum_met:
-                _checkpoint(out_dir / FILENAME, cfg, round_idx, runtime, planner, tracker, ledger)
+                _checkpoint(
+                    out_dir / FILENAME, cfg, round_idx, runtime, planner, tracker, ledger, virtual, buffered
+                )
                 saved = round_idx
             if not result.quorum_met:
                 _no_quorum(row, len(done.plan.cohort), faults, out_dir)
@@ -212,10 +240,18 @@ def run_experiment(
                 os.kill(os.getpid(), signal.SIGKILL)
 
         for round_idx in range(first_round, train.rounds + 1):
+            if buffered is not None:  # one server step of the stream; the last one settles first
+                settle()  # (its checkpoint holds the version that step made, and the flights then)
+                pending = stream_step(buffered, runtime, round_idx, train, broadcast_bytes)
+                continue
             plan = planner.plan(round_idx)
+            if virtual is not None:  # who answers in time, decided on virtual time before the round
+                plan = virtual.schedule(plan)
             evaluate = round_idx % train.eval_every == 0 or round_idx == train.rounds
             # the previous round settles (evaluation in, row logged) once this round's clients are training
             pending = start_round(runtime, plan, evaluate, broadcast_bytes, on_submitted=settle)
+            if virtual is not None:
+                pending.columns = virtual.finish(plan, pending.result)
             planner.observe(round_idx, pending.result)
             if client_eval.due(round_idx, train.eval_clients_every, train.rounds):
                 began = time.perf_counter()
@@ -295,6 +331,8 @@ def _checkpoint(
     planner: RoundPlanner,
     tracker: RunTracker,
     ledger: EpsilonLedger,
+    virtual: VirtualRounds | None = None,
+    buffered: BufferedRounds | None = None,
 ) -> None:
     """Everything a resumed run needs, after round `round_idx`."""
     snapshot = runtime.server_snapshot()
@@ -308,6 +346,8 @@ def _checkpoint(
         "client_rows": tracker.client_rows,
         "fingerprint": fingerprint(OmegaConf.to_container(cfg, resolve=True)),
         "privacy": ledger.state_dict(),  # the noise multiplier: a resumed run adds the same noise
+        "clock": None if virtual is None else virtual.state_dict(),  # the virtual time at the round's close
+        "stream": None if buffered is None else buffered.state_dict(),  # asynchronous rounds: the flights
     }
     with interrupts.deferred():  # a Ctrl-C/SIGTERM waits for the write (torch.save turns it into an error)
         save_checkpoint(path, state)
@@ -348,6 +388,7 @@ class PendingRound:
     evaluation: Callable[[], Evaluation] | None
     broadcast_bytes: int
     client_eval: list[dict] = field(default_factory=list)  # per-client evaluation rows (if due)
+    columns: dict = field(default_factory=dict)  # more metrics-row columns (the virtual clock's)
 
     def client_rows(self) -> list[dict]:
         """The round's clients.csv rows: the cohort's, dropped stragglers', and a per-client evaluation's."""
@@ -383,15 +424,30 @@ def start_round(
     start = time.perf_counter()
     result = runtime.run_round(plan, on_submitted)
     trained = time.perf_counter()
-    evaluation = None
-    if evaluate:
-        begin = getattr(runtime, "evaluate_async", None)
-        if begin is not None:
-            evaluation = begin()
-        else:
-            done = runtime.evaluate()
-            evaluation = lambda: done  # noqa: E731
-    return PendingRound(plan, result, start, trained, evaluation, broadcast_bytes)
+    return PendingRound(plan, result, start, trained, start_evaluation(runtime, evaluate), broadcast_bytes)
+
+
+def stream_step(
+    buffered: BufferedRounds, runtime: Runtime, round_idx: int, train: TrainSpec, broadcast_bytes: int
+) -> PendingRound:
+    """One server step of an asynchronous stream as a round, its evaluation started if due."""
+    began = time.perf_counter()
+    plan, result, columns = buffered.step(round_idx)
+    trained = time.perf_counter()
+    evaluation = start_evaluation(runtime, round_idx % train.eval_every == 0 or round_idx == train.rounds)
+    return PendingRound(plan, result, began, trained, evaluation, broadcast_bytes, columns=columns)
+
+
+def start_evaluation(runtime: Runtime, due: bool) -> Callable[[], Evaluation] | None:
+    """If `due`, start evaluating the latest global model (without waiting, on runtimes that can); call
+    the result to wait for it."""
+    if not due:
+        return None
+    begin = getattr(runtime, "evaluate_async", None)
+    if begin is not None:
+        return begin()
+    done = runtime.evaluate()
+    return lambda: done
 
 
 def round_row(pending: PendingRound, evaluation: Evaluation | None, done: float) -> dict:
@@ -422,7 +478,7 @@ def round_row(pending: PendingRound, evaluation: Evaluation | None, done: float)
         "eval_s": round(done - pending.trained, 4),
         # the broadcast to each client of the cohort (dropped stragglers too); the statistics of each client
         # that answered
-        "bytes_down": pending.broadcast_bytes * (len(plan.cohort) + len(plan.dropped)),
+        "bytes_down": pending.broadcast_bytes * (len(plan.cohort) + len(plan.dropped) + len(plan.late)),
         "bytes_up": sum(
             int(m.get("bytes_up") or 0) for m in result.client_metrics if m["status"] in ANSWERED
         ),

@@ -21,7 +21,8 @@ class CohortSampler:
         self.seed = seed
 
     def cohort(self, round_idx: int, eligible: Sequence[int] | None = None) -> list[int]:
-        """The round's cohort: `per_round` clients (or all of `eligible`, if fewer are eligible).
+        """The round's cohort: `per_round` clients, over-selected by `clients.over_select` (or all of
+        `eligible`, if fewer are eligible).
 
         The sampler keeps no state: each round's draw is seeded from (root seed, round), so a resumed
         run draws exactly what the uninterrupted run would have. Only `per_round` positions of `eligible`
@@ -33,15 +34,15 @@ class CohortSampler:
         if self.spec.selection == "poisson":
             return self._poisson(rng, eligible)
         if eligible is None:
-            chosen = rng.choice(self.spec.num, self.spec.per_round, replace=False)
+            chosen = rng.choice(self.spec.num, min(self.spec.selected, self.spec.num), replace=False)
         else:
-            picks = rng.choice(len(eligible), min(self.spec.per_round, len(eligible)), replace=False)
+            picks = rng.choice(len(eligible), min(self.spec.selected, len(eligible)), replace=False)
             chosen = [eligible[int(i)] for i in picks]
         return sorted(int(c) for c in chosen)
 
     def _poisson(self, rng, eligible: Sequence[int] | None) -> list[int]:
         """Each (eligible) client in with probability per_round / num, independently."""
-        rate = self.spec.per_round / self.spec.num
+        rate = min(1.0, self.spec.selected / self.spec.num)
         if eligible is None:
             return [int(c) for c in np.flatnonzero(rng.random(self.spec.num) < rate)]
         return sorted(int(eligible[int(i)]) for i in np.flatnonzero(rng.random(len(eligible)) < rate))

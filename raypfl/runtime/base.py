@@ -24,6 +24,10 @@ class RoundPlan:
     # stragglers left out of the cohort (clients.partial_work_policy=drop): client -> the work they managed
     dropped: dict[int, dict[str, Any]] = field(default_factory=dict)
     partial: int = 0  # how many of the selected clients do partial work (kept or dropped)
+    # answers the round needs for its update to apply (None: faults.quorum of the cohort); the virtual
+    # clock decides who answers in time before the round starts and sets it (raypfl.driver.virtual)
+    need: int | None = None
+    late: list[int] = field(default_factory=list)  # selected, but late on the virtual clock: not trained
 
 
 @dataclass
@@ -141,6 +145,9 @@ def round_trip(row: dict[str, Any], seconds: float) -> float | str:
     return round(seconds, 4) if row.get("status") in ANSWERED else ""
 
 
-def quorum_for(faults: FaultsSpec | None, cohort_size: int) -> int:
-    """Answers a round of `cohort_size` needs (all of them without a faults spec)."""
-    return cohort_size if faults is None else faults.quorum_size(cohort_size)
+def quorum_for(faults: FaultsSpec | None, plan: RoundPlan) -> int:
+    """Answers the plan's round needs: its own `need`, else faults.quorum of the cohort (all of it without
+    a faults spec)."""
+    if plan.need is not None:
+        return plan.need
+    return len(plan.cohort) if faults is None else faults.quorum_size(len(plan.cohort))

@@ -96,8 +96,9 @@ class MPIRuntime:
 
     def run_round(self, plan: RoundPlan, on_submitted: Callable[[], None] | None = None) -> RoundResult:
         notify(on_submitted)
-        self.comm.bcast(("round", plan.round_idx, list(plan.cohort), dict(plan.work)), root=0)
-        return self._round(plan.round_idx, plan.cohort, plan.work)
+        need = len(plan.cohort) if plan.need is None else plan.need
+        self.comm.bcast(("round", plan.round_idx, list(plan.cohort), dict(plan.work), need), root=0)
+        return self._round(plan.round_idx, plan.cohort, plan.work, need)
 
     @property
     def version(self) -> int:
@@ -131,7 +132,7 @@ class MPIRuntime:
         while True:
             command = self.comm.bcast(None, root=0)
             if command[0] == "round":
-                self._round(command[1], command[2], command[3])
+                self._round(*command[1:])
             elif command[0] == "evaluate":
                 self._evaluate()
             elif command[0] == "evaluate_clients":
@@ -148,7 +149,9 @@ class MPIRuntime:
             for name in sorted(self.broadcast):
                 self.comm.Bcast(self.broadcast[name], root=0)
 
-    def _round(self, round_idx: int, cohort: list[int], work: dict[int, dict]) -> RoundResult | None:
+    def _round(
+        self, round_idx: int, cohort: list[int], work: dict[int, dict], need: int
+    ) -> RoundResult | None:
         self._sync_weights()
         mine = assign_cohort(cohort, [self.setup.partition.size(c) for c in cohort], self.size, self.sticky)[
             self.rank
@@ -168,7 +171,7 @@ class MPIRuntime:
             if gathered is None:
                 return None
             partials, per_rank = gathered
-        version = self._aggregate(partials, len(cohort))
+        version = self._aggregate(partials, need)
         if self.mode == "allgather":
             self._check_replicas()
         if not self.is_driver:
@@ -204,10 +207,10 @@ class MPIRuntime:
         ]
         return partials, [meta[3] for meta in metas]
 
-    def _aggregate(self, partials: list[Aggregate], cohort_size: int) -> int:
+    def _aggregate(self, partials: list[Aggregate], need: int) -> int:
         """Push every rank's partial (in rank order) to this rank's parameter server; adopt the result."""
         version = self.server.latest
-        self.server.expect(version, self.size, cohort_size)
+        self.server.expect(version, self.size, need)
         for partial in partials:
             self.server.push(version, partial)
         broadcast = _buffers(self.server.pull_latest()[1])

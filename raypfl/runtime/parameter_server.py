@@ -145,17 +145,20 @@ class ParameterServer(VersionedWeights):
         if num_pushes <= 0:  # an empty cohort (clients.selection=poisson): nothing to wait for
             self._close(version, time.perf_counter())
 
-    def push(self, version: int, update: Aggregate, slot: int | None = None) -> bool:
-        """Add an update computed from `version`; returns True if it completed the round.
+    def push(self, version: int, update: Aggregate, slot: int | None = None, scale: float = 1.0) -> bool:
+        """Add an update to the round building on `version`; returns True if it completed the round.
 
         `slot`: this partial's place in the merge order (see the module docstring); a slot pushed twice
-        is ignored.
+        is ignored. `scale`: the partial's sums count this many times (an asynchronous update's staleness
+        discount; its weight is unchanged).
         """
         if version not in self.rounds:
             self.stale_pushes += 1
             log.warning("discarded a push for version %d (latest is %d)", version, self.latest)
             return False
         start = time.perf_counter()
+        if scale != 1.0:
+            update = update.scaled(scale)
         open_round = self.rounds[version]
         if slot is None:
             open_round.fold(update)

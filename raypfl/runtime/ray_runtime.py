@@ -287,7 +287,7 @@ class RayRuntime:
         )
         busy = [(index, group) for index, group in enumerate(groups) if group]
         shares = [Share(slot, index, self.actors[index], group) for slot, (index, group) in enumerate(busy)]
-        need = quorum_for(self.setup.faults, len(cohort))
+        need = quorum_for(self.setup.faults, plan)
         self.server.expect.remote(version, len(shares), need)
         for share in shares:
             self.train_share(share, weights_ref, plan)
@@ -379,6 +379,12 @@ class RayRuntime:
         ref = self.state_ref(self.version)
         state = ray.get(ref) if ref is not None else {}
         return ServerSnapshot(self.version, {k: np.array(v) for k, v in broadcast.items()}, state)
+
+    def stream(self):
+        """Streaming primitives for asynchronous rounds (raypfl.runtime.ray_stream)."""
+        from raypfl.runtime.ray_stream import RayStream
+
+        return RayStream(self)
 
     def close(self) -> None:
         for actor in self.actors:

@@ -57,7 +57,7 @@ class SequentialRuntime:
         for row in metrics:  # clients answer one after another: each waits for the ones before it
             elapsed += row["seconds"]
             row.update(actor=0, rtt_s=round_trip(row, elapsed))
-        self.server.expect(version, 1, quorum_for(self.setup.faults, len(plan.cohort)))
+        self.server.expect(version, 1, quorum_for(self.setup.faults, plan))
         self.server.push(version, partial)
         return RoundResult.from_workers(self.server.latest, [metrics], self.server.round_summary(), states)
 
@@ -80,6 +80,12 @@ class SequentialRuntime:
     def server_snapshot(self) -> ServerSnapshot:
         version, broadcast = self.server.pull_latest()
         return ServerSnapshot(version, dict(broadcast), self.server.server_state())
+
+    def stream(self):
+        """Streaming primitives for asynchronous rounds (raypfl.runtime.stream)."""
+        from raypfl.runtime.stream import SequentialStream
+
+        return SequentialStream(self)
 
     def close(self) -> None:
         self.worker = None

@@ -32,6 +32,7 @@ from raypfl.runtime.base import (
     RoundPlan,
     RoundResult,
     combine_evaluations,
+    quorum_for,
     round_trip,
     work_amount,
 )
@@ -177,7 +178,7 @@ class TolerantRounds:
         rt, faults, r = self.rt, self.faults, plan.round_idx
         version = rt.version
         weights_ref = rt.current_ref()
-        need = faults.quorum_size(len(plan.cohort))
+        need = quorum_for(faults, plan)
         rt.server.expect.remote(version, len(plan.cohort), need)
         started = time.perf_counter()
         deadline = None if faults.round_timeout_s is None else started + faults.round_timeout_s

@@ -52,6 +52,12 @@ METRIC_COLUMNS = [
     "clipped_frac",
     "update_norm_median",
     "attackers",
+    # the virtual clock (clock=virtual): its time at the round's close, and the round's virtual seconds
+    "virtual_s",
+    "round_virtual_s",
+    # asynchronous FL (algorithm=fedbuff): a round is one server step; the staleness of its updates
+    "staleness_mean",
+    "staleness_max",
 ]
 CLIENT_COLUMNS = [
     "round",
@@ -79,6 +85,9 @@ CLIENT_COLUMNS = [
     "update_norm",  # the client's model update's l2 norm before clipping (postprocess=[clip, ...])
     "clipped",  # 1 if clip scaled it down
     "malicious",  # 1 for an attacker's update (attack.*)
+    "virtual_s",  # clock=virtual: the client's simulated duration (download + compute + upload)
+    "base_version",  # asynchronous FL: the global model version the client trained from
+    "staleness",  # asynchronous FL: server steps between its base version and the step that used it
 ]
 
 
