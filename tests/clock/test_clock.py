@@ -88,3 +88,35 @@ def test_upload_bytes_follow_the_client_steps():
     assert upload_bytes({"model": 1000, "tau": 1}, None, 0) == 4004
     pipeline = ClientPipeline([TopK(fraction=0.1, error_feedback=False)])
     assert upload_bytes({"model": 1000}, pipeline, 0) < 1000
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["clients.over_select=1.3"], "clients.over_select=1.3 keeps the first clients.per_round to finish"),
+        (
+            ["clock.name=virtual", "clients.speed=lognormal"],
+            "clients.speed=lognormal slows clients with real sleeps; with clock.name=virtual",
+        ),
+        (["algorithm=fedbuff", "runtime=mpi"], "algorithm=fedbuff is asynchronous: runtime=mpi"),
+        (["algorithm=fedbuff", "faults.drop_prob=0.1"], "algorithm=fedbuff is asynchronous: faults.*"),
+        (["algorithm=fedbuff", "aggregator=median"], "algorithm=fedbuff is asynchronous: aggregator=median"),
+    ],
+)
+def test_what_the_clock_and_streams_do_not_combine_with(overrides, expected):
+    from raypfl.validation import validate
+    from tests.conftest import SMALL_RUN, make_config
+
+    with pytest.raises(ConfigError) as err:
+        validate(make_config(*SMALL_RUN, *overrides))
+    assert str(err.value).startswith(expected) and "\n" not in str(err.value)
+
+
+def test_virtual_clock_lets_deadlines_and_quorum_run_on_every_runtime():
+    from raypfl.validation import validate
+    from tests.conftest import SMALL_RUN, make_config
+
+    virtual = ["clock.name=virtual", "faults.round_timeout_s=30", "faults.quorum=0.5"]
+    validate(make_config(*SMALL_RUN, *virtual))  # runtime=sequential: decided by the driver
+    with pytest.raises(ConfigError, match="^faults.quorum needs runtime=ray"):
+        validate(make_config(*SMALL_RUN, "faults.quorum=0.5"))  # the real clock: only Ray has it

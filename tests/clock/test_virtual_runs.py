@@ -126,3 +126,30 @@ def test_fedbuff_sigkill_mid_stream_and_resume_gives_the_uninterrupted_model(
     resumed = run_experiment(make_config(*FEDBUFF, "runtime=sequential", f"resume={killed}"), tmp_path / "r")
     np.testing.assert_array_equal(resumed.weights, sequential_fedbuff.weights)
     assert timeline(resumed) == timeline(sequential_fedbuff)
+
+
+def test_balancing_joins_retries_and_killed_actors_cost_no_virtual_time(ray_session, tmp_path):
+    """AIMD balancing (late clients halve their epochs, so durations change), a join schedule, injected
+    errors (retried) on both runtimes, and on Ray a client actor killed mid-round: the simulator's faults
+    cost no virtual time, so the run equals the sequential one without the kill."""
+    args = [
+        *VIRTUAL,
+        "faults.balance=aimd",
+        "faults.start_epochs=2",
+        "faults.round_timeout_s=20",  # two epochs: a median client needs ~16 virtual seconds
+        "faults.on_no_quorum=skip",
+        "faults.error_prob=0.2",
+        "faults.retry_backoff_s=0.01",
+        "clients.join_schedule={1: 8, 2: 4}",
+    ]
+    calm = run_experiment(make_config(*args, "runtime=sequential"), tmp_path / "seq")
+    hit = run_experiment(
+        make_config(*args, "runtime.num_actors=2", "faults.kill_at_round=2", "faults.kill_count=1"),
+        tmp_path / "ray",
+    )
+    assert np.abs(hit.weights - calm.weights).max() <= CROSS_RUNTIME
+    assert timeline(hit) == timeline(calm)
+    rows = client_rows(calm)
+    assert {row["work"] for row in rows if row["status"] == "ok"} >= {"2"}  # AIMD set the work
+    assert all(int(row["client"]) < 8 for row in rows if row["round"] == "1")  # only 8 had joined
+    assert any(int(row["attempts"]) > 1 for row in rows if row["status"] == "ok")  # errors were retried

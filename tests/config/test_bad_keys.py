@@ -4,6 +4,7 @@ before Ray starts. Also: unknown keys on the command line, and a run that never 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,9 @@ from raypfl.driver.result import RunResult
 from raypfl.errors import ConfigError, RunStopped
 from raypfl.validation import validate
 from tests.conftest import CONF_DIR, SMALL_RUN, make_config, run_cli
+
+#: A device trace without its up_mbps column.
+BAD_TRACE = Path(__file__).parent / "bad_trace.csv"
 
 #: The issue's base command line: a small sequential run.
 B = [*SMALL_RUN, "train.rounds=1"]
@@ -73,6 +77,12 @@ BAD = [
     (B, "train.eval_clients_every", "-1"),
     (B, "clients.partial_work_fraction", "1.5"),
     (B, "clients.partial_work_policy", "sometimes"),
+    (B, "clients.over_select", "0.9"),  # the virtual clock (issue 17)
+    (B, "clock.name", "fast"),
+    (B, "clock.compute_sps", "-1"),
+    (B, "clock.bandwidth_sigma", "-0.5"),
+    (B + ["algorithm=fedbuff"], "algorithm.buffer_size", "30"),  # > algorithm.concurrency=20
+    (B + ["algorithm=fedbuff"], "algorithm.staleness", "linear"),
 ]
 
 
@@ -200,6 +210,10 @@ def test_a_run_that_never_averaged_an_update_is_not_a_success():
         ("foo=1", "error: foo=1: unknown key foo"),
         ("dataset.train_limit=0", "error: dataset.train_limit=0 must be an integer >= 1"),
         ("clip.bound=0", "error: clip.bound=0 must be > 0"),  # the update pipeline (test_updates.py)
+        (  # a device trace missing a column (tests/clock/test_clock.py has the other bad traces)
+            f"clock.trace={BAD_TRACE}",
+            f"error: clock.trace={BAD_TRACE}: missing column(s) up_mbps",
+        ),
     ],
 )
 def test_command_line_exits_2_with_one_line(arg, expected, tmp_path):
