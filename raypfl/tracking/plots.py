@@ -30,11 +30,15 @@ def save_figure(fig, path: Path) -> Path:
 
 
 def plot_metrics(rows: list[dict], path: Path) -> Path:
-    """Test accuracy, and test and mean client training loss, per round."""
+    """Test accuracy (against virtual hours on the virtual clock, else rounds), and test and mean client
+    training loss, per round."""
     evaluated = [r for r in rows if r["test_acc"] != ""]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_acc.plot([r["round"] for r in evaluated], [100 * r["test_acc"] for r in evaluated], marker="o", ms=3)
-    ax_acc.set(xlabel="round", ylabel="test accuracy (%)", title="Global model accuracy")
+    virtual = bool(evaluated) and all(r.get("virtual_s") not in (None, "") for r in evaluated)
+    x = [float(r["virtual_s"]) / 3600 for r in evaluated] if virtual else [r["round"] for r in evaluated]
+    ax_acc.plot(x, [100 * r["test_acc"] for r in evaluated], marker="o", ms=3)
+    xlabel = "virtual hours (clock=virtual)" if virtual else "round"
+    ax_acc.set(xlabel=xlabel, ylabel="test accuracy (%)", title="Global model accuracy")
     ax_loss.plot(
         [r["round"] for r in evaluated], [r["test_loss"] for r in evaluated], marker="o", ms=3, label="test"
     )
