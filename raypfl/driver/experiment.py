@@ -243,6 +243,7 @@ def run_experiment(
             if buffered is not None:  # one server step of the stream; the last one settles first
                 settle()  # (its checkpoint holds the version that step made, and the flights then)
                 pending = stream_step(buffered, runtime, round_idx, train, broadcast_bytes)
+                test_clients(pending, runtime, everyone, planner.client_states, train)
                 continue
             plan = planner.plan(round_idx)
             if virtual is not None:  # who answers in time, decided on virtual time before the round
@@ -253,15 +254,7 @@ def run_experiment(
             if virtual is not None:
                 pending.columns = virtual.finish(plan, pending.result)
             planner.observe(round_idx, pending.result)
-            if client_eval.due(round_idx, train.eval_clients_every, train.rounds):
-                began = time.perf_counter()
-                pending.client_eval = runtime.evaluate_clients(everyone, planner.client_states)
-                log.info(
-                    "round %d: %d clients tested on their held-out data in %.1f s",
-                    round_idx,
-                    len(pending.client_eval),
-                    time.perf_counter() - began,
-                )
+            test_clients(pending, runtime, everyone, planner.client_states, train)
         settle()
         final = runtime.server_snapshot()
         weights = final.model
@@ -436,6 +429,23 @@ def stream_step(
     trained = time.perf_counter()
     evaluation = start_evaluation(runtime, round_idx % train.eval_every == 0 or round_idx == train.rounds)
     return PendingRound(plan, result, began, trained, evaluation, broadcast_bytes, columns=columns)
+
+
+def test_clients(
+    pending: PendingRound, runtime: Runtime, clients: list[int], states: dict, train: TrainSpec
+) -> None:
+    """Every client on its held-out data, if the round is due (`train.eval_clients_every`)."""
+    round_idx = pending.plan.round_idx
+    if not client_eval.due(round_idx, train.eval_clients_every, train.rounds):
+        return
+    began = time.perf_counter()
+    pending.client_eval = runtime.evaluate_clients(clients, states)
+    log.info(
+        "round %d: %d clients tested on their held-out data in %.1f s",
+        round_idx,
+        len(pending.client_eval),
+        time.perf_counter() - began,
+    )
 
 
 def start_evaluation(runtime: Runtime, due: bool) -> Callable[[], Evaluation] | None:

@@ -18,8 +18,12 @@ from typing import Any
 import numpy as np
 
 from raypfl import seeding
+from raypfl.errors import RunStopped
 from raypfl.runtime.base import ANSWERED, RoundPlan, RoundResult
 from raypfl.runtime.stream import Stream
+
+#: A server step gives up (RunStopped, exit 3) after this many updates that failed (a bug in the client half).
+MAX_FAILED_PER_STEP = 100
 
 
 @dataclass
@@ -96,6 +100,12 @@ class BufferedRounds:
         rows: list[dict[str, Any]] = []
         staleness: list[int] = []
         while True:
+            failed = len(rows) - len(staleness)
+            if failed > MAX_FAILED_PER_STEP:
+                raise RunStopped(
+                    f"round {round_idx}: {failed} client updates failed since the last server step; "
+                    "see the log for the clients' errors"
+                )
             flight = self._next()
             self.flights.remove(flight)
             row, state = self.stream.receive(flight.handle)

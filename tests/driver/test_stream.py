@@ -9,7 +9,7 @@ import pytest
 from raypfl.algorithms.aggregate import MODEL, Aggregate, ClientUpdate
 from raypfl.algorithms.fedbuff import FedBuff
 from raypfl.driver.stream import BufferedRounds
-from raypfl.errors import ConfigError
+from raypfl.errors import ConfigError, RunStopped
 from raypfl.runtime.parameter_server import ParameterServer
 
 
@@ -111,6 +111,17 @@ def test_real_clock_takes_whichever_answers_first():
     plan, _, columns = rounds.step(1)
     assert [c for c, _, _ in fake.folds] == [c for c, _, _ in fake.dispatched[:3]]  # FIFO fake
     assert "virtual_s" not in columns
+
+
+def test_a_stream_whose_updates_all_fail_stops():
+    rounds, fake = _stream()
+    fake.receive = lambda handle: (
+        {"client": handle[0], "status": "failed", "seconds": 0.0, "actor": 0},
+        None,
+    )
+    rounds.start()
+    with pytest.raises(RunStopped, match="^round 1: 101 client updates failed since the last server step"):
+        rounds.step(1)
 
 
 @pytest.mark.parametrize(
