@@ -78,6 +78,8 @@ FINGERPRINT_KEYS = (
     "privacy",
     "aggregator",
     "attack",
+    "clock",  # device profiles (issue 17); older checkpoints do not hold it
+    "clients.over_select",
 )
 
 
