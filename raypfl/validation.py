@@ -321,8 +321,19 @@ def _validate_stream(cfg: DictConfig, spec: RunSpec, name: str) -> None:
 def _validate_faults(faults: FaultsSpec, runtime: RuntimeSpec, clock: ClockSpec) -> None:
     """The faults.* rules that involve the runtime (each key's own range is FaultsSpec's). On the virtual
     clock the driver decides deadline and quorum, so they work on every runtime."""
+    if faults.deadline_quorum is not None:
+        require(
+            faults.round_timeout_s is not None,
+            f"faults.deadline_quorum={faults.deadline_quorum} is what a round needs at its deadline: set "
+            "faults.round_timeout_s",
+        )
+        require(
+            faults.deadline_quorum <= faults.quorum,
+            f"faults.deadline_quorum={faults.deadline_quorum} must be <= faults.quorum={faults.quorum} "
+            "(the answers that close a round early)",
+        )
     if clock.virtual:
-        faults = replace(faults, quorum=1.0, round_timeout_s=None)
+        faults = replace(faults, quorum=1.0, round_timeout_s=None, deadline_quorum=None)
     ray_only = [
         key
         for key, asked in (

@@ -191,6 +191,9 @@ class FaultsSpec:
     quorum: float = knob(1.0, gt=0, le=1)  # fraction of the cohort whose answers close the round
     # the round closes at this deadline even without quorum
     round_timeout_s: float | None = knob(None, gt=0, null="wait for the quorum")
+    # at the deadline the update applies if this fraction answered (e.g. quorum 1.0 + 0.1: FedAvg with a
+    # deadline keeps whoever answered in time)
+    deadline_quorum: float | None = knob(None, gt=0, le=1, null="faults.quorum")
     # fail: checkpoint and stop (exit 3) | skip: keep the model, go on
     on_no_quorum: str = knob("fail", choices=NO_QUORUM_ACTIONS)
     max_retries: int = knob(2, ge=0)  # retries of a client whose training raised or whose actor was lost
@@ -226,6 +229,13 @@ class FaultsSpec:
         if cohort_size == 0:
             return 0
         return max(1, math.ceil(self.quorum * cohort_size - 1e-9))
+
+    def floor_size(self, cohort_size: int) -> int:
+        """Answers a round needs for its update to apply when it closes (at the deadline, or when no answer
+        can come any more): `deadline_quorum` of the cohort, else the quorum."""
+        if self.deadline_quorum is None or cohort_size == 0:
+            return self.quorum_size(cohort_size)
+        return max(1, math.ceil(self.deadline_quorum * cohort_size - 1e-9))
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ def build_setup(
     probe = check_model(model, dataset.in_shape, dataset.num_classes, dataset.test_x[:2])
     speed = None
     if spec.clock.virtual:  # deadline and quorum are decided on virtual time, by the driver (plan.need)
-        faults = replace(faults, round_timeout_s=None, quorum=1.0)
+        faults = replace(faults, round_timeout_s=None, quorum=1.0, deadline_quorum=None)
     elif clients.speed == "lognormal":  # slowdown factors >= 1: a client never runs faster than the machine
         factors = seeding.rng(cfg.seed, seeding.SPEED).lognormal(0.0, clients.speed_sigma, clients.num)
         speed = np.maximum(1.0, factors)
@@ -233,7 +233,7 @@ def run_experiment(
                 )
                 saved = round_idx
             if not result.quorum_met:
-                _no_quorum(row, len(done.plan.cohort), faults, out_dir)
+                _no_quorum(row, len(done.plan.cohort) + len(done.plan.late), faults, out_dir)
             if faults.crash_after_round == round_idx:
                 log.warning("faults.crash_after_round=%d: SIGKILL to this process", round_idx)
                 logging.shutdown()
@@ -359,7 +359,8 @@ def _no_quorum(row: dict, cohort_size: int, faults: FaultsSpec, out_dir: Path) -
     """A round without quorum: stop (RunStopped, exit code 3) or, with on_no_quorum=skip, say so and go on."""
     message = (
         f"round {row['round']}: only {row['answered']} of {cohort_size} clients answered, below "
-        f"faults.quorum={faults.quorum} (late {row['late']}, failed {row['failed']}); "
+        f"faults.{'deadline_' if faults.deadline_quorum else ''}quorum="
+        f"{faults.deadline_quorum or faults.quorum} (late {row['late']}, failed {row['failed']}); "
         "the global model was not updated"
     )
     if faults.on_no_quorum == "fail":

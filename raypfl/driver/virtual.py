@@ -53,26 +53,24 @@ class VirtualRounds:
         samples = client_samples(self.spec.train, work, self.setup.partition.size(client))
         return self.profiles.duration(client, samples, self.down_bytes, self.up_bytes)
 
-    def need(self, cohort_size: int) -> int:
-        """Answers a round waits for: the first `per_round` of an over-selected cohort, else all of it,
-        either one times `faults.quorum`."""
+    def target(self, cohort_size: int) -> int:
+        """The answers a round is for: the first `per_round` of an over-selected cohort, else all of it."""
         clients = self.spec.clients
-        target = min(clients.per_round, cohort_size) if clients.over_select > 1 else cohort_size
-        return self.spec.faults.quorum_size(target)
+        return min(clients.per_round, cohort_size) if clients.over_select > 1 else cohort_size
 
     def schedule(self, plan: RoundPlan) -> RoundPlan:
         """The plan the runtime runs: the clients that answer in time (and silent ones, which never train)."""
         durations = {c: self.duration(c, plan.work.get(c)) for c in plan.cohort}
         silent = {c for c in plan.cohort if client_fate(self.setup, plan.round_idx, c).dropped}
-        need = self.need(len(plan.cohort))
-        closed = close_round(durations, need, self.spec.faults.round_timeout_s, silent)
+        faults, target = self.spec.faults, self.target(len(plan.cohort))
+        closed = close_round(durations, faults.quorum_size(target), faults.round_timeout_s, silent)
         self.closed[plan.round_idx] = closed
         cohort = sorted([*closed.kept, *silent])
         return replace(
             plan,
             cohort=cohort,
             states={c: s for c, s in plan.states.items() if c in cohort},
-            need=need,
+            need=faults.floor_size(target),  # the update applies if this many answered
             late=list(closed.late),
         )
 

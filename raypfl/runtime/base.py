@@ -146,8 +146,8 @@ def round_trip(row: dict[str, Any], seconds: float) -> float | str:
 
 
 def quorum_for(faults: FaultsSpec | None, plan: RoundPlan) -> int:
-    """Answers the plan's round needs: its own `need`, else faults.quorum of the cohort (all of it without
-    a faults spec)."""
+    """Answers the plan's round needs for its update to apply: its own `need`, else faults.deadline_quorum
+    or faults.quorum of the cohort (all of it without a faults spec)."""
     if plan.need is not None:
         return plan.need
-    return len(plan.cohort) if faults is None else faults.quorum_size(len(plan.cohort))
+    return len(plan.cohort) if faults is None else faults.floor_size(len(plan.cohort))

@@ -178,7 +178,8 @@ class TolerantRounds:
         rt, faults, r = self.rt, self.faults, plan.round_idx
         version = rt.version
         weights_ref = rt.current_ref()
-        need = quorum_for(faults, plan)
+        close_at = faults.quorum_size(len(plan.cohort))  # answers that close the round early
+        need = quorum_for(faults, plan)  # answers its update needs when it closes
         rt.server.expect.remote(version, len(plan.cohort), need)
         started = time.perf_counter()
         deadline = None if faults.round_timeout_s is None else started + faults.round_timeout_s
@@ -224,7 +225,7 @@ class TolerantRounds:
         answered = 0
         states: dict[int, Any] = {}
         pushes, partials = [], []  # the answers' pushes and updates, in the order they came
-        while pending and answered < need:
+        while pending and answered < close_at:
             wait_s = None if deadline is None else max(0.0, deadline - time.perf_counter())
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=wait_s)
             if not ready:
@@ -269,7 +270,7 @@ class TolerantRounds:
                 if rt.sticky and row["status"] == "ok":
                     states.update(ray.get(call.states_ref))
 
-        if answered < need and not pending and deadline is not None:
+        if answered < close_at and not pending and deadline is not None:
             # silent clients look like slow ones: the server cannot tell until the deadline
             time.sleep(max(0.0, deadline - time.perf_counter()))
         for call in pending.values():  # still training when the round closed: late, never aggregated
@@ -295,7 +296,7 @@ class TolerantRounds:
         rt.version = version + 1
         late = [c for c, row in rows.items() if row["status"] == "late"]
         if late:
-            log.info("round %d closed with %d/%d answers; late (discarded): %s", r, answered, need, late)
+            log.info("round %d closed with %d/%d answers; late (discarded): %s", r, answered, close_at, late)
         per_actor: dict[Any, list[dict]] = {}
         for row in rows.values():
             per_actor.setdefault(row["actor"], []).append(row)

@@ -101,6 +101,16 @@ def test_upload_bytes_follow_the_client_steps():
         (["algorithm=fedbuff", "runtime=mpi"], "algorithm=fedbuff is asynchronous: runtime=mpi"),
         (["algorithm=fedbuff", "faults.drop_prob=0.1"], "algorithm=fedbuff is asynchronous: faults.*"),
         (["algorithm=fedbuff", "aggregator=median"], "algorithm=fedbuff is asynchronous: aggregator=median"),
+        (["faults.deadline_quorum=0.1"], "faults.deadline_quorum=0.1 is what a round needs at its deadline"),
+        (
+            [
+                "clock.name=virtual",
+                "faults.round_timeout_s=9",
+                "faults.quorum=0.5",
+                "faults.deadline_quorum=0.8",
+            ],
+            "faults.deadline_quorum=0.8 must be <= faults.quorum=0.5",
+        ),
     ],
 )
 def test_what_the_clock_and_streams_do_not_combine_with(overrides, expected):
@@ -120,3 +130,11 @@ def test_virtual_clock_lets_deadlines_and_quorum_run_on_every_runtime():
     validate(make_config(*SMALL_RUN, *virtual))  # runtime=sequential: decided by the driver
     with pytest.raises(ConfigError, match="^faults.quorum needs runtime=ray"):
         validate(make_config(*SMALL_RUN, "faults.quorum=0.5"))  # the real clock: only Ray has it
+
+
+def test_deadline_quorum_is_the_floor_at_the_close():
+    from raypfl.config import FaultsSpec
+
+    faults = FaultsSpec(quorum=1.0, round_timeout_s=10.0, deadline_quorum=0.25)
+    assert faults.quorum_size(8) == 8 and faults.floor_size(8) == 2 and faults.floor_size(0) == 0
+    assert FaultsSpec(quorum=0.5).floor_size(8) == 4  # null: the quorum

@@ -165,3 +165,22 @@ def test_balancing_joins_retries_and_killed_actors_cost_no_virtual_time(ray_sess
     assert {row["work"] for row in rows if row["status"] == "ok"} >= {"2"}  # AIMD set the work
     assert all(int(row["client"]) < 8 for row in rows if row["round"] == "1")  # only 8 had joined
     assert any(int(row["attempts"]) > 1 for row in rows if row["status"] == "ok")  # errors were retried
+
+
+def test_a_deadline_round_keeps_whoever_answered_in_time(tmp_path, data_root):
+    """faults.quorum=1.0 waits for everyone up to the deadline; faults.deadline_quorum=0.25 applies the
+    update with whoever answered by then (FedAvg with a deadline, as FedScale runs it)."""
+    args = [*VIRTUAL, "clients.over_select=1.0", "faults.quorum=1.0", "faults.deadline_quorum=0.25"]
+    run = run_experiment(make_config(*args, "runtime=sequential", "faults.on_no_quorum=skip"), tmp_path)
+    rows = client_rows(run)
+    for row in run.rounds:
+        mine = [r for r in rows if r["round"] == str(row["round"])]
+        in_time = [r for r in mine if float(r["virtual_s"]) <= 12]
+        assert len(in_time) == len([r for r in mine if r["status"] == "ok"])
+        assert row["clients"] == (len(in_time) if len(in_time) >= 1 else 0) and row["quorum"] == (
+            len(in_time) >= 1
+        )
+        assert row["round_virtual_s"] == (
+            12 if len(in_time) < 4 else max(float(r["virtual_s"]) for r in mine)
+        )
+    assert any(row["late"] for row in run.rounds) and any(row["clients"] for row in run.rounds)
