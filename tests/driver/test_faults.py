@@ -251,7 +251,7 @@ def test_quorum_closes_the_round_without_stragglers(ray_session, tmp_path):
 
 
 def test_deadline_closes_the_round_and_cancels_stragglers(ray_session, tmp_path):
-    cfg = make_config(
+    cfg_args = [
         *TINY,
         "runtime.num_actors=2",
         "train.rounds=1",
@@ -261,11 +261,16 @@ def test_deadline_closes_the_round_and_cancels_stragglers(ray_session, tmp_path)
         "clients.speed_sigma=8.0",
         "faults.round_timeout_s=2.0",
         "faults.on_no_quorum=skip",
-    )
-    run = run_experiment(cfg, tmp_path)
+    ]
+    run = run_experiment(make_config(*cfg_args), tmp_path)
     [row] = run.rounds
     assert row["late"] > 0 and row["quorum"] == 0 and row["clients"] == 0  # quorum 1.0 missed at the deadline
     # the round ended at the deadline, not when the slowest client would have finished
     assert 2.0 <= row["train_s"] < 6.0
     late = [r for r in client_rows(tmp_path) if r["status"] == "late"]
     assert late and all(r["rtt_s"] == "" for r in late)
+    # faults.deadline_quorum: at the deadline the update applies with whoever answered in time (round 2:
+    # round 1's 2 s also pay the actors' first training step, ~2-5 s of torch imports)
+    more = ["train.rounds=2", "faults.deadline_quorum=0.25"]
+    second = run_experiment(make_config(*cfg_args, *more), tmp_path / "kept").rounds[1]
+    assert second["late"] > 0 and second["quorum"] == 1 and second["clients"] == second["answered"] >= 1
