@@ -253,6 +253,7 @@ def run_experiment(
             pending = start_round(runtime, plan, evaluate, broadcast_bytes, on_submitted=settle)
             if virtual is not None:
                 pending.columns = virtual.finish(plan, pending.result)
+            discard_without_quorum(pending.result)
             planner.observe(round_idx, pending.result)
             test_clients(pending, runtime, everyone, planner.client_states, train)
         settle()
@@ -427,9 +428,20 @@ def stream_step(
     """One server step of an asynchronous stream as a round, its evaluation started if due."""
     began = time.perf_counter()
     plan, result, columns = buffered.step(round_idx)
+    columns["bytes_down"] = broadcast_bytes * buffered.sent_in_step  # the clients dispatched meanwhile
     trained = time.perf_counter()
     evaluation = start_evaluation(runtime, round_idx % train.eval_every == 0 or round_idx == train.rounds)
     return PendingRound(plan, result, began, trained, evaluation, broadcast_bytes, columns=columns)
+
+
+def discard_without_quorum(result: RoundResult) -> None:
+    """A round without quorum left the model unchanged: its answers are not accepted and their clients'
+    new states are not kept (they continue from the state they had). MPI ranks keep their own states."""
+    if result.quorum_met:
+        return
+    for row in result.client_metrics:
+        row["accepted"] = False
+    result.client_states.clear()
 
 
 def test_clients(
@@ -465,8 +477,9 @@ def round_row(pending: PendingRound, evaluation: Evaluation | None, done: float)
     """The metrics row of a finished round."""
     plan, result = pending.plan, pending.result
     accepted = [m for m in result.client_metrics if m["accepted"]]
-    losses = [m["train_loss"] for m in accepted]
-    local_accs = [m["local_acc"] for m in accepted if "local_acc" in m]
+    trained = [m for m in result.client_metrics if m.get("status") == "ok"]  # (a round without quorum too)
+    losses = [m["train_loss"] for m in trained]
+    local_accs = [m["local_acc"] for m in trained if "local_acc" in m]
     train_s = pending.trained - pending.started
     return {
         "round": plan.round_idx,

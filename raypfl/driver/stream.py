@@ -59,6 +59,8 @@ class BufferedRounds:
         self.flights: list[Flight] = []
         self.key = 0  # dispatches so far
         self.now = 0.0  # virtual seconds
+        self.sent_in_step = 0  # clients sent the global model during the last step (its bytes_down)
+        self._sent_before = 0  # dispatches counted in earlier steps
 
     @property
     def virtual(self) -> bool:
@@ -97,6 +99,7 @@ class BufferedRounds:
         """Receive updates until the server steps; returns the step as a round (plan, result, columns)."""
         size = self.algorithm.buffer_size
         self.stream.open(size)
+        began = self.now
         rows: list[dict[str, Any]] = []
         staleness: list[int] = []
         while True:
@@ -137,7 +140,8 @@ class BufferedRounds:
             "staleness_max": max(staleness, default=""),
         }
         if self.virtual:
-            columns.update(virtual_s=round(self.now, 4))
+            columns.update(virtual_s=round(self.now, 4), round_virtual_s=round(self.now - began, 4))
+        self.sent_in_step, self._sent_before = self.key - self._sent_before, self.key
         return plan, result, columns
 
     # --- checkpoints ------------------------------------------------------------------------------------
@@ -158,6 +162,7 @@ class BufferedRounds:
         for version, broadcast in state["bases"].items():
             self.stream.hold(int(version), broadcast)
         self.key, self.now = int(state["key"]), float(state["now"])
+        self._sent_before = self.key  # the flights below were counted in the steps that sent them
         for record in state["flights"]:
             self._send(Flight(*record))
 
