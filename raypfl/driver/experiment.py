@@ -27,7 +27,7 @@ from raypfl.data.synthetic import SyntheticPartition, synthetic_spec
 from raypfl.driver import client_eval
 from raypfl.driver.planning import RoundPlanner
 from raypfl.driver.result import RunResult
-from raypfl.driver.stream import BufferedRounds, stream_timer
+from raypfl.driver.stream import BufferedRounds, StepRecord, stream_timer
 from raypfl.driver.updates import EpsilonLedger, Updates, build_updates, step_names, update_columns
 from raypfl.driver.virtual import VirtualRounds, virtual_rounds
 from raypfl.errors import ConfigError, RunStopped
@@ -209,6 +209,7 @@ def run_experiment(
                 cfg.seed,
                 planner.client_states,
                 stream_timer(virtual),
+                setup.stateful_clients,
             )
             if resumed is not None:
                 buffered.load_state_dict(resumed["stream"])
@@ -228,10 +229,20 @@ def run_experiment(
             round_idx = row["round"]
             every = train.checkpoint_every
             if (every and (round_idx % every == 0 or round_idx == train.rounds)) or not result.quorum_met:
+                snapshot, stream_state = done.checkpoint_state()
                 _checkpoint(
-                    out_dir / FILENAME, cfg, round_idx, runtime, planner, tracker, ledger, virtual, buffered
+                    out_dir / FILENAME,
+                    cfg,
+                    round_idx,
+                    snapshot or runtime.server_snapshot(),
+                    planner,
+                    tracker,
+                    ledger,
+                    virtual,
+                    stream_state,
                 )
                 saved = round_idx
+            done.settled()
             if not result.quorum_met:
                 _no_quorum(row, len(done.plan.cohort) + len(done.plan.late), faults, out_dir)
             if faults.crash_after_round == round_idx:
@@ -240,9 +251,10 @@ def run_experiment(
                 os.kill(os.getpid(), signal.SIGKILL)
 
         for round_idx in range(first_round, train.rounds + 1):
-            if buffered is not None:  # one server step of the stream; the last one settles first
-                settle()  # (its checkpoint holds the version that step made, and the flights then)
-                pending = stream_step(buffered, runtime, round_idx, train, broadcast_bytes)
+            if buffered is not None:  # one server step of the stream, submitted; then the last one settles
+                step = stream_step(buffered, runtime, round_idx, train, broadcast_bytes)
+                settle()
+                pending = step
                 test_clients(pending, runtime, everyone, planner.client_states, train)
                 continue
             plan = planner.plan(round_idx)
@@ -321,15 +333,14 @@ def _checkpoint(
     path: Path,
     cfg: DictConfig,
     round_idx: int,
-    runtime: Runtime,
+    snapshot: ServerSnapshot,
     planner: RoundPlanner,
     tracker: RunTracker,
     ledger: EpsilonLedger,
     virtual: VirtualRounds | None = None,
-    buffered: BufferedRounds | None = None,
+    stream: dict | None = None,
 ) -> None:
-    """Everything a resumed run needs, after round `round_idx`."""
-    snapshot = runtime.server_snapshot()
+    """Everything a resumed run needs, after round `round_idx` (`snapshot`: the version it made)."""
     state = {
         "round": round_idx,
         "version": snapshot.version,
@@ -341,7 +352,7 @@ def _checkpoint(
         "fingerprint": fingerprint(OmegaConf.to_container(cfg, resolve=True)),
         "privacy": ledger.state_dict(),  # the noise multiplier: a resumed run adds the same noise
         "clock": None if virtual is None else virtual.state_dict(),  # the virtual time at the round's close
-        "stream": None if buffered is None else buffered.state_dict(),  # asynchronous rounds: the flights
+        "stream": stream,  # asynchronous rounds: the flights after the step
     }
     with interrupts.deferred():  # a Ctrl-C/SIGTERM waits for the write (torch.save turns it into an error)
         save_checkpoint(path, state)
@@ -385,6 +396,13 @@ class PendingRound:
     client_eval: list[dict] = field(default_factory=list)  # per-client evaluation rows (if due)
     columns: dict = field(default_factory=dict)  # more metrics-row columns (the virtual clock's)
 
+    def checkpoint_state(self) -> tuple[ServerSnapshot | None, dict | None]:
+        """(the version this round made, if the runtime may be past it; an asynchronous stream's state)."""
+        return None, None
+
+    def settled(self) -> None:
+        """The round is logged and checkpointed."""
+
     def client_rows(self) -> list[dict]:
         """The round's clients.csv rows: the cohort's, dropped stragglers', and a per-client evaluation's."""
         dropped = [
@@ -422,16 +440,38 @@ def start_round(
     return PendingRound(plan, result, start, trained, start_evaluation(runtime, evaluate), broadcast_bytes)
 
 
+@dataclass
+class StreamRound(PendingRound):
+    """A server step of an asynchronous stream, submitted: its rows are collected when it settles."""
+
+    buffered: BufferedRounds | None = None
+    record: StepRecord | None = None
+
+    def finish(self) -> tuple[dict, RoundResult, float]:
+        if self.result is None:
+            self.plan, self.result, columns = self.buffered.resolve(self.record)
+            self.columns.update(columns, bytes_down=self.broadcast_bytes * self.record.sent)
+            self.trained = time.perf_counter()
+        return super().finish()
+
+    def checkpoint_state(self) -> tuple[ServerSnapshot | None, dict | None]:
+        return self.buffered.snapshot(self.record), self.buffered.state_dict(self.record)
+
+    def settled(self) -> None:
+        self.buffered.settled(self.record)
+
+
 def stream_step(
     buffered: BufferedRounds, runtime: Runtime, round_idx: int, train: TrainSpec, broadcast_bytes: int
-) -> PendingRound:
-    """One server step of an asynchronous stream as a round, its evaluation started if due."""
+) -> StreamRound:
+    """One server step of an asynchronous stream, submitted, its evaluation started if due."""
     began = time.perf_counter()
-    plan, result, columns = buffered.step(round_idx)
-    columns["bytes_down"] = broadcast_bytes * buffered.sent_in_step  # the clients dispatched meanwhile
-    trained = time.perf_counter()
+    record = buffered.step(round_idx)
     evaluation = start_evaluation(runtime, round_idx % train.eval_every == 0 or round_idx == train.rounds)
-    return PendingRound(plan, result, began, trained, evaluation, broadcast_bytes, columns=columns)
+    plan = RoundPlan(round_idx, [])  # filled in when the step settles
+    return StreamRound(
+        plan, None, began, began, evaluation, broadcast_bytes, buffered=buffered, record=record
+    )
 
 
 def discard_without_quorum(result: RoundResult) -> None:

@@ -3,27 +3,35 @@
 Up to `concurrency` clients are in flight; whenever one finishes, its update (discounted by its
 staleness) goes into the server's buffer, and another idle client (a seeded draw per dispatch) starts
 from the global model current at that moment. A server step follows every `buffer_size` updates; one
-step is one round of metrics.csv. On the virtual clock, flights finish in order of virtual time (ties:
-dispatch order), so the run is the same on every runtime and machine; on the real clock, in the order
-the workers answer. A checkpoint after a step holds the flights (and the versions they train from); a
-resumed run dispatches them again and continues as the uninterrupted one would have.
+step is one round of metrics.csv.
+
+On the virtual clock, flights finish in order of virtual time (ties: dispatch order). Who is dispatched
+when, from which version, and into which step each update is folded follow from the device profiles
+alone, not from the training results, so the policy runs ahead of the workers: it folds an update and
+dispatches the next client without waiting for the update to be computed (on Ray the update goes from
+the actor to the parameter server by reference, a dispatch from a version not yet made waits in the
+actor's queue), and collects the clients' rows one step later. The workers never wait for the driver,
+and the run is the same on every runtime and machine. Clients that keep state (error feedback,
+persistent optimizer state) are waited for, one update at a time, since their next dispatch needs it.
+On the real clock, updates are taken in the order the workers answer.
+
+A checkpoint after a step holds the flights then (and the versions they train from); a resumed run
+dispatches them again and continues as the uninterrupted one would have.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from raypfl import seeding
+from raypfl.algorithms.base import ServerSnapshot
 from raypfl.errors import RunStopped
 from raypfl.runtime.base import ANSWERED, RoundPlan, RoundResult
 from raypfl.runtime.stream import Stream
-
-#: A server step gives up (RunStopped, exit 3) after this many updates that failed (a bug in the client half).
-MAX_FAILED_PER_STEP = 100
 
 
 @dataclass
@@ -36,9 +44,31 @@ class Flight:
     start: float  # virtual seconds (0 on the real clock)
     finish: float  # virtual seconds (inf on the real clock: unknown)
     handle: Any = None
+    row: dict[str, Any] | None = None  # its metrics row, once received
 
     def record(self) -> tuple[int, int, int, float, float]:
         return (self.client, self.key, self.base, self.start, self.finish)
+
+
+@dataclass
+class StepRecord:
+    """A server step as the policy submitted it: its updates in fold order, the server's summary (a
+    handle), and the stream as it stood after the step (what a checkpoint of this step holds)."""
+
+    round_idx: int
+    folded: list[tuple[Flight, int]]  # (flight, staleness)
+    summary: Any
+    version: int  # the version the step made
+    began: float  # virtual seconds at the step's start and end
+    now: float
+    sent: int  # clients dispatched during the step
+    flights: list[tuple[int, int, int, float, float]] = field(default_factory=list)
+    key: int = 0
+
+    @property
+    def bases(self) -> set[int]:
+        """The versions the flights after this step train from, other than the one it made."""
+        return {record[2] for record in self.flights} - {self.version}
 
 
 class BufferedRounds:
@@ -52,15 +82,17 @@ class BufferedRounds:
         seed: int,
         states: dict[int, Any],
         duration: Any = None,  # (client) -> virtual seconds; None: the real clock
+        stateful: bool = False,  # clients keep state: wait for each update before dispatching on
     ):
         self.algorithm, self.stream = algorithm, stream
         self.num_clients, self.seed, self.states = num_clients, seed, states
         self.duration = duration
+        self.ahead = duration is not None and not stateful
         self.flights: list[Flight] = []
         self.key = 0  # dispatches so far
         self.now = 0.0  # virtual seconds
-        self.sent_in_step = 0  # clients sent the global model during the last step (its bytes_down)
         self._sent_before = 0  # dispatches counted in earlier steps
+        self._pinned: dict[int, set[int]] = {}  # round -> versions its unsettled checkpoint needs
 
     @property
     def virtual(self) -> bool:
@@ -79,8 +111,7 @@ class BufferedRounds:
         idle = np.setdiff1d(np.arange(self.num_clients), np.fromiter(busy, np.int64, len(busy)))
         client = int(idle[rng.integers(len(idle))])
         finish = self.now + self.duration(client) if self.virtual else math.inf
-        flight = Flight(client, self.key, self.stream.version, self.now, finish)
-        self._send(flight)
+        self._send(Flight(client, self.key, self.stream.version, self.now, finish))
 
     def _send(self, flight: Flight) -> None:
         flight.handle = self.stream.dispatch(
@@ -95,67 +126,92 @@ class BufferedRounds:
         done = self.stream.first_done([f.handle for f in self.flights])
         return next(f for f in self.flights if f.handle is done)
 
-    def step(self, round_idx: int) -> tuple[RoundPlan, RoundResult, dict[str, Any]]:
-        """Receive updates until the server steps; returns the step as a round (plan, result, columns)."""
-        size = self.algorithm.buffer_size
-        self.stream.open(size)
+    def step(self, round_idx: int) -> StepRecord:
+        """Fold updates until the server steps (running ahead of the workers where it can; see the module
+        docstring); `resolve` the record for the step's rows."""
+        self.stream.open(self.algorithm.buffer_size)
         began = self.now
-        rows: list[dict[str, Any]] = []
-        staleness: list[int] = []
+        folded: list[tuple[Flight, int]] = []
         while True:
-            failed = len(rows) - len(staleness)
-            if failed > MAX_FAILED_PER_STEP:
-                raise RunStopped(
-                    f"round {round_idx}: {failed} client updates failed since the last server step; "
-                    "see the log for the clients' errors"
-                )
             flight = self._next()
             self.flights.remove(flight)
-            row, state = self.stream.receive(flight.handle)
-            lag = self.stream.version - flight.base
-            row.update(round=round_idx, base_version=flight.base, staleness=lag)
+            if not self.ahead:  # the real clock, or a client whose state the next dispatch needs
+                flight.row, state = self.stream.receive(flight.handle)
+                if state is not None and flight.row["status"] == "ok":
+                    self.states[flight.client] = state
             if self.virtual:
                 self.now = flight.finish
-                row["virtual_s"] = round(flight.finish - flight.start, 4)
-            stepped = False
-            if row["status"] in ANSWERED:
-                stepped = self.stream.fold(flight.handle, self.algorithm.staleness_weight(lag))
-                staleness.append(lag)
-                if state is not None and row["status"] == "ok":
-                    self.states[flight.client] = state
-            rows.append(row)
+            lag = self.stream.version - flight.base
+            # every update takes its place in the buffer (a failed one, an exception in the client's code,
+            # with nothing in it): the steps do not depend on results the policy has not waited for
+            stepped = self.stream.fold(flight.handle, self.algorithm.staleness_weight(lag))
+            folded.append((flight, lag))
             self._dispatch()  # a new client starts as soon as one finishes
             if stepped:
                 break
-        self.stream.release({f.base for f in self.flights})
+        record = StepRecord(
+            round_idx, folded, self.stream.step_summary(), self.stream.version, began, self.now, 0
+        )
+        record.sent, self._sent_before = self.key - self._sent_before, self.key
+        record.flights = [f.record() for f in sorted(self.flights, key=lambda f: f.key)]
+        record.key = self.key
+        self._pinned[round_idx] = record.bases | {record.version}
+        self.stream.release({f.base for f in self.flights}.union(*self._pinned.values()))
+        return record
+
+    def resolve(self, record: StepRecord) -> tuple[RoundPlan, RoundResult, dict[str, Any]]:
+        """The step as a round (plan, result, metrics columns), once its clients' rows are in."""
+        waiting = [flight for flight, _ in record.folded if flight.row is None]
+        for flight, (row, _) in zip(waiting, self.stream.results([f.handle for f in waiting])):
+            flight.row = row
+        rows, staleness = [], []
+        for flight, lag in record.folded:
+            row = flight.row | {"round": record.round_idx, "base_version": flight.base, "staleness": lag}
+            if self.virtual:
+                row["virtual_s"] = round(flight.finish - flight.start, 4)
+            if row["status"] in ANSWERED:
+                staleness.append(lag)
+            rows.append(row)
+        if not staleness:
+            raise RunStopped(
+                f"round {record.round_idx}: every client update of this server step failed; see the log "
+                "for the clients' errors"
+            )
         per_actor: dict[Any, list[dict]] = {}
         for row in rows:
             per_actor.setdefault(row["actor"], []).append(row)
-        result = RoundResult.from_workers(
-            self.stream.version, list(per_actor.values()), self.stream.summary(), {}
-        )
-        plan = RoundPlan(round_idx, sorted(row["client"] for row in rows))
-        columns = {
-            "staleness_mean": round(float(np.mean(staleness)), 4) if staleness else "",
-            "staleness_max": max(staleness, default=""),
+        summary = self.stream.summary(record.summary)
+        result = RoundResult.from_workers(record.version, list(per_actor.values()), summary, {})
+        plan = RoundPlan(record.round_idx, sorted(row["client"] for row in rows))
+        columns: dict[str, Any] = {
+            "staleness_mean": round(float(np.mean(staleness)), 4),
+            "staleness_max": max(staleness),
         }
         if self.virtual:
-            columns.update(virtual_s=round(self.now, 4), round_virtual_s=round(self.now - began, 4))
-        self.sent_in_step, self._sent_before = self.key - self._sent_before, self.key
+            columns.update(
+                virtual_s=round(record.now, 4), round_virtual_s=round(record.now - record.began, 4)
+            )
         return plan, result, columns
 
     # --- checkpoints ------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """The flights, the versions they train from (all but the latest, which the checkpoint holds), the
-        dispatch count and the virtual time."""
-        bases = {f.base for f in self.flights if f.base != self.stream.version}
+    def snapshot(self, record: StepRecord) -> ServerSnapshot:
+        """The broadcast and server state the step made (the policy may be a step further)."""
+        return self.stream.snapshot(record.version)
+
+    def state_dict(self, record: StepRecord) -> dict[str, Any]:
+        """The flights after the step, the versions they train from (but the step's own, which the
+        checkpoint holds), the dispatch count and the virtual time."""
         return {
-            "flights": [f.record() for f in sorted(self.flights, key=lambda f: f.key)],
-            "bases": {v: self.stream.broadcast(v) for v in sorted(bases)},
-            "key": self.key,
-            "now": self.now,
+            "flights": list(record.flights),
+            "bases": {v: self.stream.broadcast(v) for v in sorted(record.bases)},
+            "key": record.key,
+            "now": record.now,
         }
+
+    def settled(self, record: StepRecord) -> None:
+        """The step is logged (and checkpointed): its versions need not be held for it any more."""
+        self._pinned.pop(record.round_idx, None)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue a checkpointed stream: its flights are dispatched again (same base, same seed)."""
@@ -174,4 +230,4 @@ def stream_timer(virtual: Any) -> Any:
     return lambda client: virtual.duration(client, None)
 
 
-__all__ = ["BufferedRounds", "Flight", "stream_timer"]
+__all__ = ["BufferedRounds", "Flight", "StepRecord", "stream_timer"]

@@ -1,6 +1,7 @@
 """Streaming primitives on the Ray runtime (see raypfl.runtime.stream): each dispatch is one call on the
 least-loaded client actor, its update goes from the actor to the parameter-server actor by reference
-(never through the driver), and the actors' queues keep them busy without a round barrier."""
+(never through the driver), and the actors' queues keep them busy without a round barrier. Nothing here
+waits for a computation but `first_done`, `receive`, `results`, `summary` and `snapshot`."""
 
 from __future__ import annotations
 
@@ -8,9 +9,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import ray
 
 from raypfl.algorithms.aggregate import Arrays
+from raypfl.algorithms.base import ServerSnapshot
 from raypfl.runtime.base import round_trip
 
 
@@ -47,6 +50,12 @@ class RayStream:
     def broadcast(self, version: int) -> Arrays:
         return ray.get(self.refs[version])
 
+    def snapshot(self, version: int) -> ServerSnapshot:
+        broadcast = ray.get(self.refs[version])
+        ref = self.rt.state_ref(version)
+        state = ray.get(ref) if ref is not None else {}
+        return ServerSnapshot(version, {k: np.array(v) for k, v in broadcast.items()}, dict(state))
+
     def dispatch(self, client: int, key: int, version: int, state: Any) -> _Call:
         actor = min(range(len(self.load)), key=lambda i: (self.load[i], i))
         self.load[actor] += 1
@@ -65,12 +74,24 @@ class RayStream:
 
     def receive(self, handle: _Call) -> tuple[dict[str, Any], Any]:
         [row] = ray.get(handle.metrics_ref)
-        self.load[handle.actor] -= 1
         row.update(actor=handle.actor, rtt_s=round_trip(row, time.perf_counter() - handle.sent))
         state = None
         if self.rt.sticky and row["status"] == "ok":
             state = ray.get(handle.states_ref).get(handle.client)
         return row, state
+
+    def results(self, handles: list[_Call]) -> list[tuple[dict[str, Any], Any]]:
+        """Rows fetched together; their `rtt_s` is the client's own seconds (a policy that ran ahead
+        fetches them a step later)."""
+        rows = ray.get([handle.metrics_ref for handle in handles])
+        out = []
+        for handle, [row] in zip(handles, rows):
+            row.update(actor=handle.actor, rtt_s=round_trip(row, row["seconds"]))
+            state = None
+            if self.rt.sticky and row["status"] == "ok":
+                state = ray.get(handle.states_ref).get(handle.client)
+            out.append((row, state))
+        return out
 
     def open(self, size: int) -> None:
         self.open_version, self.expected = self.version, size
@@ -78,6 +99,7 @@ class RayStream:
 
     def fold(self, handle: _Call, scale: float) -> bool:
         version = self.open_version
+        self.load[handle.actor] -= 1
         self.rt.server.push.remote(version, handle.partial_ref, None, scale)
         self.expected -= 1
         if self.expected > 0:
@@ -91,8 +113,11 @@ class RayStream:
         self.summary_ref = self.rt.server.round_summary.remote()
         return True
 
-    def summary(self) -> dict[str, Any]:
-        return ray.get(self.summary_ref)
+    def step_summary(self) -> Any:
+        return self.summary_ref
+
+    def summary(self, handle: Any) -> dict[str, Any]:
+        return ray.get(handle)
 
     def release(self, keep: set[int]) -> None:
         for version in [v for v in self.refs if v not in keep and v != self.version]:

@@ -189,3 +189,27 @@ def test_a_deadline_round_keeps_whoever_answered_in_time(tmp_path, data_root):
         last = max(float(r["virtual_s"]) for r in mine)
         assert row["round_virtual_s"] == (12 if len(in_time) < 4 else last)
     assert any(row["late"] for row in run.rounds) and any(row["clients"] for row in run.rounds)
+
+
+def test_fedbuff_with_client_state_waits_for_each_update_and_resumes(tmp_path, data_root):
+    """Persistent optimizer state: the policy waits for each update (the client's next dispatch needs its
+    state); a run stopped after step 2 and resumed gives the uninterrupted model and states."""
+    stateful = [*FEDBUFF, "runtime=sequential", "optim.persistent_state=true", "optim.momentum=0.5"]
+    whole = run_experiment(make_config(*stateful), tmp_path / "whole")
+    run_experiment(make_config(*stateful, "train.rounds=2"), tmp_path / "first")
+    resumed = run_experiment(make_config(*stateful, f"resume={tmp_path / 'first'}"), tmp_path / "resumed")
+    np.testing.assert_array_equal(resumed.weights, whole.weights)
+    assert timeline(resumed) == timeline(whole) and whole.client_states
+    assert resumed.client_states.keys() == whole.client_states.keys()
+    assert all(same(resumed.client_states[c], state) for c, state in whole.client_states.items())
+
+
+def same(a, b) -> bool:
+    """Nested client states (dicts, lists, tensors, arrays, numbers) equal to the bit."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if hasattr(a, "shape"):
+        return np.array_equal(np.asarray(a), np.asarray(b))
+    return a == b

@@ -41,6 +41,9 @@ class FakeStream:
         row = {"client": handle[0], "status": "ok", "accepted": True, "seconds": 0.0, "actor": 0}
         return row, None
 
+    def results(self, handles):
+        return [self.receive(handle) for handle in handles]
+
     def open(self, size):
         self.size, self.count = size, 0
 
@@ -52,8 +55,11 @@ class FakeStream:
             return True
         return False
 
-    def summary(self):
-        return {"clients": [], "rejected": [], "aggregate_s": 0.0}
+    def step_summary(self):
+        return self.version
+
+    def summary(self, handle):
+        return {"clients": [], "rejected": [], "aggregate_s": 0.0, "version": handle}
 
     def release(self, keep):
         pass
@@ -71,7 +77,7 @@ def test_concurrency_buffer_and_staleness():
     assert len(fake.dispatched) == 6 and len({c for c, _, _ in fake.dispatched}) == 6
     finishes = []
     for r in range(1, 6):
-        plan, result, columns = rounds.step(r)
+        plan, result, columns = rounds.resolve(rounds.step(r))
         assert len(plan.cohort) == 3 and len(rounds.flights) == 6  # a new client per update received
         assert len({f.client for f in rounds.flights}) == 6  # never the same client twice in flight
         rows = result.client_metrics
@@ -91,8 +97,8 @@ def test_same_seed_same_stream_and_resume_continues_it():
     a, fake_a = _stream()
     a.start()
     for r in range(1, 4):
-        a.step(r)
-    saved = a.state_dict()
+        record = a.step(r)
+    saved = a.state_dict(record)
     for r in range(4, 7):
         a.step(r)
     b, fake_b = _stream()
@@ -108,20 +114,20 @@ def test_same_seed_same_stream_and_resume_continues_it():
 def test_real_clock_takes_whichever_answers_first():
     rounds, fake = _stream(duration=None)
     rounds.start()
-    plan, _, columns = rounds.step(1)
+    plan, _, columns = rounds.resolve(rounds.step(1))
     assert [c for c, _, _ in fake.folds] == [c for c, _, _ in fake.dispatched[:3]]  # FIFO fake
     assert "virtual_s" not in columns
 
 
-def test_a_stream_whose_updates_all_fail_stops():
+def test_a_step_whose_updates_all_failed_stops_the_run():
     rounds, fake = _stream()
     fake.receive = lambda handle: (
         {"client": handle[0], "status": "failed", "seconds": 0.0, "actor": 0},
         None,
     )
     rounds.start()
-    with pytest.raises(RunStopped, match="^round 1: 101 client updates failed since the last server step"):
-        rounds.step(1)
+    with pytest.raises(RunStopped, match="^round 1: every client update of this server step failed"):
+        rounds.resolve(rounds.step(1))
 
 
 @pytest.mark.parametrize(
