@@ -296,7 +296,7 @@ def _validate_stream(cfg: DictConfig, spec: RunSpec, name: str) -> None:
     runtime, clients, faults = spec.runtime, spec.clients, spec.faults
     require(runtime.name != "mpi", f"{where}: runtime=mpi has no streaming; use runtime=ray or sequential")
     require(
-        not faults.active,
+        not replace(faults, on_no_quorum=FaultsSpec.on_no_quorum).active,  # (no rounds to lack a quorum)
         f"{where}: faults.* (other than crash_after_round) are not supported; a slow client only "
         "finishes later (clock=virtual models device speeds)",
     )
