@@ -9,11 +9,12 @@ On the virtual clock, flights finish in order of virtual time (ties: dispatch or
 when, from which version, and into which step each update is folded follow from the device profiles
 alone, not from the training results, so the policy runs ahead of the workers: it folds an update and
 dispatches the next client without waiting for the update to be computed (on Ray the update goes from
-the actor to the parameter server by reference, a dispatch from a version not yet made waits in the
-actor's queue), and collects the clients' rows one step later. The workers never wait for the driver,
-and the run is the same on every runtime and machine. Clients that keep state (error feedback,
-persistent optimizer state) are waited for, one update at a time, since their next dispatch needs it.
-On the real clock, updates are taken in the order the workers answer.
+the actor to the parameter server by reference), and collects the clients' rows one step later. A
+client's training is handed to a worker when the policy folds it, so the workers' queues hold the
+updates in the order the server consumes them, each from a version that is made or being made. The
+workers never wait for the driver, and the run is the same on every runtime and machine. Clients that
+keep state (error feedback, persistent optimizer state) are waited for, one update at a time, since
+their next dispatch needs it. On the real clock, updates are taken in the order the workers answer.
 
 A checkpoint after a step holds the flights then (and the versions they train from); a resumed run
 dispatches them again and continues as the uninterrupted one would have.
@@ -114,10 +115,17 @@ class BufferedRounds:
         self._send(Flight(client, self.key, self.stream.version, self.now, finish))
 
     def _send(self, flight: Flight) -> None:
+        """Put the flight in the air. Running ahead, its work goes to a worker only when the policy folds
+        it: the workers' queues then hold the updates in the order the server needs them, and every one
+        trains from a version that exists (or is the next one being made)."""
+        if not self.ahead:
+            self._hand_over(flight)
+        self.flights.append(flight)
+
+    def _hand_over(self, flight: Flight) -> None:
         flight.handle = self.stream.dispatch(
             flight.client, flight.key, flight.base, self.states.get(flight.client)
         )
-        self.flights.append(flight)
 
     def _next(self) -> Flight:
         """The flight that finishes next: the earliest in virtual time, else whichever answers first."""
@@ -141,6 +149,8 @@ class BufferedRounds:
                     self.states[flight.client] = state
             if self.virtual:
                 self.now = flight.finish
+            if flight.handle is None:
+                self._hand_over(flight)
             lag = self.stream.version - flight.base
             # every update takes its place in the buffer (a failed one, an exception in the client's code,
             # with nothing in it): the steps do not depend on results the policy has not waited for

@@ -74,6 +74,7 @@ class RayStream:
 
     def receive(self, handle: _Call) -> tuple[dict[str, Any], Any]:
         [row] = ray.get(handle.metrics_ref)
+        self.load[handle.actor] -= 1
         row.update(actor=handle.actor, rtt_s=round_trip(row, time.perf_counter() - handle.sent))
         state = None
         if self.rt.sticky and row["status"] == "ok":
@@ -86,6 +87,7 @@ class RayStream:
         rows = ray.get([handle.metrics_ref for handle in handles])
         out = []
         for handle, [row] in zip(handles, rows):
+            self.load[handle.actor] -= 1
             row.update(actor=handle.actor, rtt_s=round_trip(row, row["seconds"]))
             state = None
             if self.rt.sticky and row["status"] == "ok":
@@ -99,7 +101,6 @@ class RayStream:
 
     def fold(self, handle: _Call, scale: float) -> bool:
         version = self.open_version
-        self.load[handle.actor] -= 1
         self.rt.server.push.remote(version, handle.partial_ref, None, scale)
         self.expected -= 1
         if self.expected > 0:

@@ -74,7 +74,8 @@ def _stream(num=30, concurrency=6, buffer_size=3, duration=lambda c: 1.0 + (c % 
 def test_concurrency_buffer_and_staleness():
     rounds, fake = _stream()
     rounds.start()
-    assert len(fake.dispatched) == 6 and len({c for c, _, _ in fake.dispatched}) == 6
+    assert len(rounds.flights) == 6 and len({f.client for f in rounds.flights}) == 6
+    assert fake.dispatched == []  # on the virtual clock work is handed to a worker when it is folded
     finishes = []
     for r in range(1, 6):
         plan, result, columns = rounds.resolve(rounds.step(r))
@@ -88,6 +89,7 @@ def test_concurrency_buffer_and_staleness():
             ]
         finishes.append(columns["virtual_s"])
     assert finishes == sorted(finishes)  # events in virtual-time order
+    assert [c for c, _, _ in fake.dispatched] == [c for c, _, _ in fake.folds]  # handed over as folded
     assert max(row for _, _, row in fake.folds) == 4 and fake.version == 5
     # updates dispatched before a step arrive after it: staleness > 0 appears
     assert any(scale < 1 for _, scale, _ in fake.folds)
