@@ -28,9 +28,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,15 +45,13 @@ from raypfl.jobs.checkpoint import load_checkpoint, save_checkpoint
 from raypfl.models.io import initial_weights
 from raypfl.models.zoo import build_model
 from raypfl.postprocess.state import split_state
-from raypfl.runtime.parameter_server import ParameterServer
-from raypfl.runtime.ray_runtime import RayRuntime
 from raypfl.runtime.sequential import SequentialRuntime
 from raypfl.runtime.warm import WarmStart
-from raypfl.runtime.worker import ClientWorker
 from raypfl.training.local import make_optimizer, train_local
 from raypfl.training.lockstep import ClientJob, train_lockstep
 from tests.algorithms.algorithm_runs import quick_runs, unflatten
 from tests.conftest import REPO, make_config
+from tests.runtime.kept_actors import Kept, KeptActors
 
 ALGORITHMS = [
     "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedprox", "scaffold",
@@ -396,71 +393,13 @@ def _start_the_job_early(request):
         request.getfixturevalue("helper_job")
 
 
-@dataclass
-class Kept:
-    """The Ray actors this module's Ray runs share (see `KeptActors`)."""
-
-    clients: list = field(default_factory=list)
-    server: object = None
-
-
-class KeptActors(RayRuntime):
-    """A RayRuntime whose actors outlive it: the next run's runtime re-initialises them in place, each
-    with its own constructor and the new run's arguments (`ClientWorker.__init__` with the new setup,
-    `ParameterServer.__init__` with the new broadcast, server update, state and finalizer), instead of
-    starting new processes. Here a client actor costs 5-15 s (a process importing torch, then torch._dynamo
-    on its first optimizer step) and the parameter-server actor ~2 s, a run's three rounds ~0.3 s;
-    test_runtimes.py runs fresh actors. `wait_for_actors`: `ready()` waits for the actors (a deterministic
-    warm start)."""
-
-    def __init__(self, spec, kept: Kept, wait_for_actors: bool = False):
-        super().__init__(spec)
-        self.kept = kept
-        self.wait_for_actors = wait_for_actors
-
-    def new_actor(self):
-        if not self.kept.clients:
-            return super().new_actor()
-        actor = self.kept.clients.pop(0)
-        actor.__ray_call__.remote(ClientWorker.__init__, self._setup_ref, self.spec.rebuild_model)
-        return actor
-
-    def new_server(self, broadcast_ref, version: int) -> None:
-        if self.kept.server is None:
-            super().new_server(broadcast_ref, version)
-            return
-        self.server, self.kept.server = self.kept.server, None
-        update, state = self.setup.algorithm.server_update, self.state_ref(version)
-        self.server.__ray_call__.remote(
-            ParameterServer.__init__,
-            broadcast_ref,
-            update,
-            self.keep_versions,
-            version,
-            state,
-            self.setup.finalize,
-        )
-
-    def ready(self) -> bool:
-        while self.wait_for_actors and not super().ready():
-            time.sleep(0.02)
-        return super().ready()
-
-    def close(self) -> None:
-        self.kept.clients.extend(self.actors)
-        self.kept.server = self.server
-        self.actors, self.server = [], None
-        super().close()
-
-
 @pytest.fixture(scope="module")
 def ray_actors(ray_session):
     kept = Kept()
     try:
         yield kept
     finally:
-        for actor in [*kept.clients, *([kept.server] if kept.server is not None else [])]:
-            ray_session.kill(actor, no_restart=True)
+        kept.kill(ray_session)
 
 
 def ray_run(alg: str, out: Path, kept: Kept, rounds: int = 3, warm: bool = False):

@@ -11,10 +11,12 @@ import time
 import numpy as np
 import pytest
 
+import raypfl.driver.experiment
 from raypfl.driver.experiment import run_experiment
 from raypfl.jobs.checkpoint import load_checkpoint
 from raypfl.runtime.worker import ClientWorker
 from tests.conftest import TINY, make_config, run_cli
+from tests.runtime.kept_actors import Kept, KeptActors
 
 #: Why 1e-5 holds on every CPU (as tests/runtime/test_runtimes.py): each client's float32 update is the same
 #: bits on every runtime (same kernels, one thread); only the float64 sum of a synchronous round's updates
@@ -42,6 +44,23 @@ FEDBUFF = [
     "partition.client_test_fraction=0.2",  # per-client evaluation works on a stream too
     "train.eval_clients_every=2",
 ]
+
+
+@pytest.fixture(scope="module")
+def kept(ray_session):
+    """Two client actors and a parameter server shared by the synchronous and FedBuff Ray runs (`KeptActors`:
+    the second run re-initialises them with its own setup instead of starting three processes). The run
+    that kills an actor starts its own (Ray restarts a killed actor with the arguments it was created with),
+    after freeing the kept ones' CPUs."""
+    kept = Kept()
+    try:
+        yield kept
+    finally:
+        kept.kill(ray_session)
+
+
+def on_kept_actors(patch, kept: Kept) -> None:
+    patch.setattr(raypfl.driver.experiment, "build_runtime", lambda spec: KeptActors(spec, kept))
 
 
 def client_rows(run) -> list[dict]:
@@ -77,7 +96,9 @@ def test_deadline_and_over_selection_decide_on_virtual_time(sequential_sync):
     assert sequential_sync.rounds[-1]["test_acc"] > sequential_sync.rounds[0]["test_acc"] - 0.05
 
 
-def test_virtual_round_does_not_depend_on_runtime_or_real_speed(sequential_sync, ray_session, tmp_path):
+def test_virtual_round_does_not_depend_on_runtime_or_real_speed(
+    sequential_sync, ray_session, kept, monkeypatch, tmp_path
+):
     """A worker really slowed down (odd clients sleep 0.3 s each) and the Ray runtime give the same model,
     the same late clients and the same virtual_s columns."""
     train = ClientWorker._client_update
@@ -93,6 +114,7 @@ def test_virtual_round_does_not_depend_on_runtime_or_real_speed(sequential_sync,
     assert slow.rounds[-1]["wall_s"] > sequential_sync.rounds[-1]["wall_s"]  # it really was slower
     np.testing.assert_array_equal(slow.weights, sequential_sync.weights)
     assert timeline(slow) == timeline(sequential_sync)
+    on_kept_actors(monkeypatch, kept)
     ray_run = run_experiment(make_config(*VIRTUAL, "runtime=ray", "runtime.num_actors=2"), tmp_path / "ray")
     assert np.abs(ray_run.weights - sequential_sync.weights).max() <= CROSS_RUNTIME
     assert timeline(ray_run) == timeline(sequential_sync)
@@ -112,7 +134,10 @@ def sequential_fedbuff(tmp_path_factory, data_root):
     return run_experiment(make_config(*FEDBUFF, "runtime=sequential"), tmp_path_factory.mktemp("buff"))
 
 
-def test_fedbuff_is_the_same_on_ray_and_sequential(sequential_fedbuff, ray_session, tmp_path):
+def test_fedbuff_is_the_same_on_ray_and_sequential(
+    sequential_fedbuff, ray_session, kept, monkeypatch, tmp_path
+):
+    on_kept_actors(monkeypatch, kept)
     ray_run = run_experiment(make_config(*FEDBUFF, "runtime=ray", "runtime.num_actors=2"), tmp_path)
     np.testing.assert_array_equal(ray_run.weights, sequential_fedbuff.weights)
     assert timeline(ray_run) == timeline(sequential_fedbuff)
@@ -145,10 +170,11 @@ def test_fedbuff_sigkill_mid_stream_and_resume_gives_the_uninterrupted_model(
     assert timeline(resumed) == timeline(sequential_fedbuff)
 
 
-def test_balancing_joins_retries_and_killed_actors_cost_no_virtual_time(ray_session, tmp_path):
+def test_balancing_joins_retries_and_killed_actors_cost_no_virtual_time(ray_session, kept, tmp_path):
     """AIMD balancing (late clients halve their epochs, so durations change), a join schedule, injected
     errors (retried) on both runtimes, and on Ray a client actor killed mid-round: the simulator's faults
     cost no virtual time, so the run equals the sequential one without the kill."""
+    kept.kill(ray_session)  # this run starts its own actors (the kept ones would hold the CPUs)
     args = [
         *VIRTUAL,
         "faults.balance=aimd",

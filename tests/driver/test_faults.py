@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import raypfl.driver.experiment
 from raypfl.config import ClientsSpec, FaultsSpec
 from raypfl.driver.balancing import WorkloadBalancer
 from raypfl.driver.experiment import run_experiment
@@ -17,6 +18,7 @@ from raypfl.driver.selection import CohortSampler
 from raypfl.errors import ConfigError, RunStopped
 from raypfl.jobs.checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from tests.conftest import TINY, make_config
+from tests.runtime.kept_actors import Kept, KeptActors
 from tests.test_cli import run_cli
 
 SEQ = [*TINY, "runtime=sequential"]
@@ -188,7 +190,25 @@ def test_sigkill_after_round_3_and_resume_gives_the_uninterrupted_model(tmp_path
 # --- Ray: quorum, deadlines, killed actors -----------------------------------------------------------------
 
 
-def test_killing_an_actor_mid_round_loses_no_client_state(ray_session, tmp_path, caplog):
+@pytest.fixture(scope="module")
+def kept(ray_session):
+    """Two client actors and a parameter server shared by the quorum and deadline runs (`KeptActors`: each
+    run re-initialises them with its own setup; a run starts only when they have finished all earlier work,
+    as `start` waits for their `ready`). The runs that kill actors start their own (Ray restarts a killed
+    actor with the arguments it was created with), after freeing the kept ones' CPUs."""
+    kept = Kept()
+    try:
+        yield kept
+    finally:
+        kept.kill(ray_session)
+
+
+def on_kept_actors(monkeypatch, kept: Kept) -> None:
+    monkeypatch.setattr(raypfl.driver.experiment, "build_runtime", lambda spec: KeptActors(spec, kept))
+
+
+def test_killing_an_actor_mid_round_loses_no_client_state(ray_session, kept, tmp_path, caplog):
+    kept.kill(ray_session)  # this run starts its own actors (kept ones would hold the CPUs)
     args = [*TINY, "optim.persistent_state=true", "optim.momentum=0.9", "train.rounds=3"]
     # the undisturbed reference: the same run on the sequential runtime (the reference runtime: the same
     # seeds give the same model as an undisturbed Ray run, see test_runtimes; and it starts no actors)
@@ -211,7 +231,8 @@ def test_killing_an_actor_mid_round_loses_no_client_state(ray_session, tmp_path,
     np.testing.assert_array_equal(hit.weights, calm.weights)
 
 
-def test_dead_actor_clients_move_to_the_living(ray_session, tmp_path, caplog):
+def test_dead_actor_clients_move_to_the_living(ray_session, kept, tmp_path, caplog):
+    kept.kill(ray_session)  # this run starts its own actors (kept ones would hold the CPUs)
     args = [*TINY, "runtime.num_actors=2", "train.rounds=3", "faults.kill_at_round=1", "faults.kill_count=1"]
     with caplog.at_level("WARNING", logger="raypfl"):
         run = run_experiment(make_config(*args, "faults.kill_restart=false"), tmp_path)
@@ -221,7 +242,8 @@ def test_dead_actor_clients_move_to_the_living(ray_session, tmp_path, caplog):
     assert {r["actor"] for r in later} == {"0"} or {r["actor"] for r in later} == {"1"}
 
 
-def test_quorum_closes_the_round_without_stragglers(ray_session, tmp_path):
+def test_quorum_closes_the_round_without_stragglers(ray_session, kept, monkeypatch, tmp_path):
+    on_kept_actors(monkeypatch, kept)
     cfg = make_config(
         *TINY,
         "runtime.num_actors=2",
@@ -250,7 +272,8 @@ def test_quorum_closes_the_round_without_stragglers(ray_session, tmp_path):
     assert all(torch.isfinite(t).all() for t in torch.load(tmp_path / "model.pt").values())
 
 
-def test_deadline_closes_the_round_and_cancels_stragglers(ray_session, tmp_path):
+def test_deadline_closes_the_round_and_cancels_stragglers(ray_session, kept, monkeypatch, tmp_path):
+    on_kept_actors(monkeypatch, kept)
     cfg_args = [
         *TINY,
         "runtime.num_actors=2",

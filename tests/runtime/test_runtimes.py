@@ -1,4 +1,9 @@
-"""Sequential and Ray runtimes give the same global model for the same seed; actors keep client state."""
+"""Sequential and Ray runtimes give the same global model for the same seed; actors keep client state.
+
+The module's Ray tests share one set of actors (`KeptActors`): the first starts them as any run does
+(fresh processes), the others re-initialise them with their own setup instead of starting three more
+processes each (a process importing torch costs more CPU than these tests' rounds).
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+import raypfl.driver.experiment
 from raypfl.config import RuntimeSpec
 from raypfl.data.load import load_data
 from raypfl.driver.experiment import build_setup, initial_snapshot, run_experiment
 from raypfl.runtime.base import RoundPlan
-from raypfl.runtime.ray_runtime import RayRuntime
 from tests.conftest import TINY, make_config
+from tests.runtime.kept_actors import Kept, KeptActors
 
 DIRICHLET = [
     *TINY,
@@ -22,6 +28,21 @@ DIRICHLET = [
     "model=tiny_cnn",
     "clients.per_round=5",
 ]
+
+
+@pytest.fixture(scope="module")
+def kept(ray_session):
+    """The actors this module's Ray runs share."""
+    kept = Kept()
+    try:
+        yield kept
+    finally:
+        kept.kill(ray_session)
+
+
+def keeping(monkeypatch, kept: Kept) -> None:
+    """Runs of this test build their Ray runtime on the module's actors (see the module docstring)."""
+    monkeypatch.setattr(raypfl.driver.experiment, "build_runtime", lambda spec: KeptActors(spec, kept))
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +65,12 @@ def test_dirichlet_clients_have_unequal_sizes(data_root):
 CROSS_RUNTIME = 1e-5
 
 
-def test_ray_and_sequential_give_the_same_model(sequential_run, ray_session, tmp_path):
+def test_ray_and_sequential_give_the_same_model(sequential_run, ray_session, kept, monkeypatch, tmp_path):
     """5 clients a round on 3 actors (2, 2 and 1 of them): the result does not depend on how the clients are
-    spread over actors (tests/algorithms/test_algorithm_runtimes.py runs every algorithm on 2)."""
+    spread over actors (tests/algorithms/test_algorithm_runtimes.py runs every algorithm on 2). Fresh
+    actors, started by this run (kept afterwards for the module's other Ray tests)."""
+    kept.kill(ray_session)  # whatever ran before: this run starts its own
+    keeping(monkeypatch, kept)
     ray_run = run_experiment(
         make_config(*DIRICHLET, "runtime=ray", "runtime.num_actors=3", "runtime.cpus_per_actor=0.5"), tmp_path
     )
@@ -70,10 +94,10 @@ def test_different_seed_gives_a_different_model(sequential_run, tmp_path):
     assert np.abs(other.weights - sequential_run.weights).max() > 1e-3
 
 
-def test_actors_return_one_partial_and_client_states(ray_session, data_root):
+def test_actors_return_one_partial_and_client_states(ray_session, kept, data_root):
     cfg = make_config(*TINY, "optim.persistent_state=true", "optim.momentum=0.9")
     setup = build_setup(cfg, load_data(cfg))
-    runtime = RayRuntime(RuntimeSpec(num_actors=2))
+    runtime = KeptActors(RuntimeSpec(num_actors=2), kept)  # a RayRuntime (on the module's actors)
     runtime.start(setup, initial_snapshot(setup, cfg.model.name, cfg.seed))
     try:
         weights_ref = runtime.server.pull.remote(0)
@@ -90,3 +114,21 @@ def test_actors_return_one_partial_and_client_states(ray_session, data_root):
         assert not torch.equal(momentum, states[0]["state"][0]["momentum_buffer"])
     finally:
         runtime.close()
+
+
+@pytest.mark.slow
+def test_vectorized_clients_inside_ray_actors_match_sequential(
+    data_root, ray_session, kept, monkeypatch, tmp_path
+):
+    """Ray actors run the lock-step path (`runtime.vectorize=true`, tests/training/test_vectorize.py) with
+    the sequential runtime's kernels (1 thread each, same process type); only the float64 sums of partials
+    are grouped differently, which reaches the float32 model only when a sum lands within ~1e-16 of a
+    float32 rounding boundary: equal in practice."""
+    seq = run_experiment(
+        make_config(*TINY, "runtime=sequential", "runtime.vectorize=true"), tmp_path / "seq"
+    ).weights
+    keeping(monkeypatch, kept)
+    ray_vec = run_experiment(
+        make_config(*TINY, "runtime=ray", "runtime.num_actors=2", "runtime.vectorize=true"), tmp_path / "ray"
+    ).weights
+    assert np.abs(seq - ray_vec).max() <= 1e-5

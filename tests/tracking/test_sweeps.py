@@ -265,7 +265,7 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, data_root):
         "train.rounds=1",
         "clients.num=4",
         "clients.per_round=2",
-        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.n_trials=2",  # a best of two is a best: each trial is a job of ~1.5 s of CPU
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     import yaml
@@ -273,6 +273,6 @@ def test_optuna_search_runs_trials_and_reports_the_best(tmp_path, data_root):
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {"optim.lr", "train.local_epochs"}
     rows = read_csv(tmp_path / "summary.csv")
-    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+    assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
     assert best["best_value"] == pytest.approx(max(float(r["final_acc"]) for r in rows))
     assert all(0.005 <= float(r["optim.lr"]) <= 0.3 for r in rows)

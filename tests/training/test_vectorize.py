@@ -145,18 +145,7 @@ def test_vectorized_runs_see_what_plain_runs_see(data_root, tmp_path, overrides)
     assert plain.final_accuracy > 0.5  # it learned
 
 
-@pytest.mark.slow
-def test_vectorized_clients_inside_ray_actors_match_sequential(data_root, ray_session, tmp_path):
-    """Ray actors run the lock-step path with the sequential runtime's kernels (1 thread each, same
-    process type); only the float64 sums of partials are grouped differently, which reaches the float32
-    model only when a sum lands within ~1e-16 of a float32 rounding boundary: equal in practice."""
-    seq = run_experiment(
-        make_config(*TINY, "runtime=sequential", "runtime.vectorize=true"), tmp_path / "seq"
-    ).weights
-    ray_vec = run_experiment(
-        make_config(*TINY, "runtime=ray", "runtime.num_actors=2", "runtime.vectorize=true"), tmp_path / "ray"
-    ).weights
-    assert np.abs(seq - ray_vec).max() <= 1e-5
+# Vectorized clients inside Ray actors: tests/runtime/test_runtimes.py (on that module's shared actors).
 
 
 def test_a_client_without_batches_at_a_step_is_left_alone():
