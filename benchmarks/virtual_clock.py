@@ -13,8 +13,12 @@ same budget of client updates (`--updates`, 4,000: a synchronous round aggregate
 FedBuff step `--buffer`). Schemes:
 
 - sync: FedAvg waits for its whole cohort (the round lasts as long as its slowest client);
-- deadline: FedAvg with `faults.round_timeout_s` = the `--deadline-pct` percentile of the devices'
-  durations, `faults.quorum` 0.1 and `on_no_quorum=skip` (and the same with quorum 0.5);
+- deadline: FedAvg with a deadline as FedScale runs it: `faults.round_timeout_s` = the `--deadline-pct`
+  percentile of the devices' durations, `faults.quorum` 1.0 (wait for everyone until the deadline),
+  `faults.deadline_quorum` 0.1 (then aggregate whoever answered in time, if at least 10% did) and
+  `on_no_quorum=skip`;
+- deadline_q0.5: the same deadline with `faults.quorum` 0.5 and no `deadline_quorum`: the round closes at
+  its 10th answer, or is skipped at the deadline when fewer than 10 answered by then;
 - over-select: FedAvg selecting 130% of the cohort and keeping the first `--cohort` to finish;
 - fedbuff: FedBuff with concurrency `--cohort`, buffer `--buffer`, staleness 1/sqrt(1 + s).
 
@@ -29,7 +33,8 @@ virtual hours.
 `--ray` adds a real-time measurement: sync FedAvg and FedBuff on `runtime=ray runtime.num_actors=2`
 (still `clock.name=virtual`, so both are the same runs as above), a budget of `--ray-updates` client updates,
 one run at a time (whatever `--jobs`), `--ray-repeats` times each: real seconds, client updates per second
-and the actors' utilisation (see the md for the definitions).
+of training wall time (round 1's start to the last round's end) and the actors' utilisation (see the md for
+the definitions); the machine's load average and busy cores before each run are recorded.
 """
 
 from __future__ import annotations
@@ -83,8 +88,8 @@ COMMON = [
 #: Column names of the per-seed table
 SHORT = {
     "sync": "sync",
-    "deadline_q0.1": "deadline, q 0.1",
-    "deadline_q0.5": "deadline, q 0.5",
+    "deadline": "deadline (in time)",
+    "deadline_q0.5": "10th answer or skip",
     "overselect": "over-select 1.3",
     "fedbuff": "FedBuff",
 }
@@ -111,6 +116,10 @@ class Population:
     def percentile(self, pct: float) -> float:
         return round(float(np.percentile(self.durations, pct)), 1)
 
+    def within(self, seconds: float) -> float:
+        """The devices' fraction that answer within `seconds`."""
+        return float(np.mean(self.durations <= seconds))
+
 
 def population(seed: int) -> Population:
     """Client durations as the driver computes them: the IID partition gives every client 60000 / 1000
@@ -126,9 +135,10 @@ def population(seed: int) -> Population:
     return Population(np.array(durations), samples / profiles.compute_sps, model_bytes)
 
 
-def schemes(args: argparse.Namespace, deadline: float) -> list[Scheme]:
-    """The schemes, each with the rounds that spend `args.updates` client updates and an evaluation about
-    every `args.eval_updates` updates."""
+def schemes(args: argparse.Namespace, deadline: float, on_time: float) -> list[Scheme]:
+    """The schemes, each with the rounds that spend about `args.updates` client updates and an evaluation
+    about every `args.eval_updates` updates. `on_time`: the devices' fraction whose duration is within the
+    deadline (the classic deadline round aggregates `on_time` x cohort of its clients on average)."""
     cohort, buffer, budget = args.cohort, args.buffer, args.updates
 
     def every(per_round: int) -> int:
@@ -143,22 +153,38 @@ def schemes(args: argparse.Namespace, deadline: float) -> list[Scheme]:
             every(cohort),
         )
     ]
-    for quorum in (0.1, 0.5):
-        need = max(1, math.ceil(quorum * cohort - 1e-9))
-        out.append(
-            Scheme(
-                f"deadline_q{quorum}",
-                f"FedAvg, deadline {deadline:g} s, quorum {quorum}",
-                [
-                    f"clients.per_round={cohort}",
-                    f"faults.round_timeout_s={deadline}",
-                    f"faults.quorum={quorum}",
-                    "faults.on_no_quorum=skip",
-                ],
-                budget // need,
-                every(need),
-            )
+    expected = max(1.0, on_time * cohort)  # answers per classic deadline round, on average
+    out.append(
+        Scheme(
+            "deadline",
+            f"FedAvg, deadline {deadline:g} s (whoever answered in time)",
+            [
+                f"clients.per_round={cohort}",
+                f"faults.round_timeout_s={deadline}",
+                "faults.quorum=1.0",
+                "faults.deadline_quorum=0.1",
+                "faults.on_no_quorum=skip",
+            ],
+            round(budget / expected),
+            every(round(expected)),
         )
+    )
+    need = math.ceil(0.5 * cohort - 1e-9)
+    out.append(
+        Scheme(
+            "deadline_q0.5",
+            f"FedAvg, deadline {deadline:g} s, quorum 0.5 (closes at the {need}th answer, or skipped at "
+            "the deadline)",
+            [
+                f"clients.per_round={cohort}",
+                f"faults.round_timeout_s={deadline}",
+                "faults.quorum=0.5",
+                "faults.on_no_quorum=skip",
+            ],
+            budget // need,
+            every(need),
+        )
+    )
     selected = math.ceil(1.3 * cohort)
     out.append(
         Scheme(
@@ -208,6 +234,7 @@ def run(overrides: list[str], out: Path, quiet: bool) -> float:
     command = [sys.executable, "-m", "raypfl", *overrides, f"hydra.run.dir={out}", "overwrite=true"]
     print("$", " ".join(command[1:]), flush=True)
     out.mkdir(parents=True, exist_ok=True)
+    loadavg = " ".join(f"{v:.2f}" for v in os.getloadavg())  # 1, 5, 15 min, as `uptime` shows them
     load = busy_cores()  # the machine is shared: what else was running
     start = time.perf_counter()
     if quiet:
@@ -218,6 +245,7 @@ def run(overrides: list[str], out: Path, quiet: bool) -> float:
     seconds = time.perf_counter() - start
     (out / "real_s.txt").write_text(f"{seconds:.2f}\n")
     (out / "load.txt").write_text(f"{load:.2f}\n")
+    (out / "loadavg.txt").write_text(loadavg + "\n")
     return seconds
 
 
@@ -238,7 +266,7 @@ def real_seconds(out: Path, rows: list[dict[str, str]]) -> float:
     return float(saved.read_text()) if saved.exists() else float(rows[-1]["wall_s"])
 
 
-def summarize(scheme: Scheme, out: Path, target: float) -> dict:
+def summarize(scheme: Scheme, out: Path, target: float, deadline: float) -> dict:
     """One scheme's row of the time-to-accuracy table, and what explains it (from both CSVs)."""
     rows = read_csv(out / "metrics.csv")
     clients = [r for r in read_csv(out / "clients.csv") if r["status"] in ("ok", "late")]
@@ -272,6 +300,13 @@ def summarize(scheme: Scheme, out: Path, target: float) -> dict:
             cohort.setdefault(int(r["round"]), []).append(float(r["virtual_s"]))
         record["cohort_max_s"] = round(float(np.mean([max(d) for d in cohort.values()])), 2)
         record["cohort_mean_s"] = round(float(np.mean([d for ds in cohort.values() for d in ds])), 2)
+        applied = [int(r["clients"]) for r in rows if r["quorum"] != "0"]  # updates per applied round
+        record["answers_mean"] = round(float(np.mean(applied)), 2) if applied else ""
+        record["answers_min"] = min(applied, default="")
+        record["answers_max"] = max(applied, default="")
+        record["late_mean"] = round(float(np.mean([int(r["late"]) for r in rows])), 2)
+        if any(o.startswith("faults.round_timeout_s=") for o in scheme.overrides):
+            record["closed_at_deadline"] = sum(float(r["round_virtual_s"]) == deadline for r in rows)
     else:
         lag = np.array([int(r["staleness"]) for r in aggregated])
         record.update(
@@ -288,16 +323,19 @@ def summarize(scheme: Scheme, out: Path, target: float) -> dict:
 
 
 def summarize_ray(key: str, label: str, repeat: int, out: Path) -> dict:
-    """One Ray run: real seconds, updates per second, the two actors' utilisation."""
+    """One Ray run: real seconds, updates per second of training wall time, the two actors' utilisation.
+
+    Training wall time runs from round 1's start to the last round's end (`wall_s` is cumulative process
+    seconds): not the sum of `train_s`, since FedBuff's steps overlap (the driver runs ahead of the
+    workers and collects a step's rows a step later, so a step's `train_s` spans from its submission to
+    that collection)."""
     rows = read_csv(out / "metrics.csv")
     clients = [r for r in read_csv(out / "clients.csv") if r["status"] == "ok"]
-    train_s = sum(float(r["train_s"]) for r in rows)
     busy = sum(float(r["seconds"]) for r in clients)
-    later = [r for r in rows if int(r["round"]) >= 2]
-    busy_later = sum(float(r["seconds"]) for r in clients if int(r["round"]) >= 2)
-    train_later = sum(float(r["train_s"]) for r in later)
     updates = sum(int(r["clients"]) for r in rows)
     start = float(rows[0]["wall_s"]) - float(rows[0]["round_s"])  # the first round's start, process seconds
+    wall = float(rows[-1]["wall_s"]) - start
+    saved = {name: (out / f"{name}.txt") for name in ("load", "loadavg")}
     return {
         "scheme": label,
         "key": key,
@@ -306,18 +344,18 @@ def summarize_ray(key: str, label: str, repeat: int, out: Path) -> dict:
         "updates": updates,
         "real_s": round(real_seconds(out, rows), 1),
         "startup_s": round(start, 1),
-        "loop_s": round(float(rows[-1]["wall_s"]) - start, 1),
-        "train_s": round(train_s, 1),
-        "round1_s": round(float(rows[0]["train_s"]), 2),
-        "updates_per_s": round(updates / train_s, 1),
+        "train_s": round(wall, 1),
+        "train_s_sum": round(sum(float(r["train_s"]) for r in rows), 1),
+        "round1_s": round(float(rows[0]["round_s"]), 2),
+        "updates_per_s": round(updates / wall, 1),
         "updates_per_real_s": round(updates / real_seconds(out, rows), 1),
         "client_s": round(busy, 1),
         "client_ms_mean": round(1000 * busy / len(clients), 1),
         "server_s": round(sum(float(r["aggregate_s"]) for r in rows), 1),
-        "utilisation": round(busy / (2 * train_s), 3),
-        "utilisation_r2": round(busy_later / (2 * train_later), 3),
+        "utilisation": round(busy / (2 * wall), 3),
         "final_acc": float(rows[-1]["test_acc"]),
-        "busy_cores_before": (out / "load.txt").read_text().strip() if (out / "load.txt").exists() else "",
+        "busy_cores_before": saved["load"].read_text().strip() if saved["load"].exists() else "",
+        "loadavg_before": saved["loadavg"].read_text().strip() if saved["loadavg"].exists() else "",
     }
 
 
@@ -376,7 +414,7 @@ def table(columns: list[tuple[str, str]], records: list[dict]) -> list[str]:
     return lines
 
 
-def explain(args: argparse.Namespace, by_key: dict[str, dict], deadline: float) -> list[str]:
+def explain(args: argparse.Namespace, by_key: dict[str, dict], deadline: float, on_time: float) -> list[str]:
     """The md's account of the FedBuff-vs-sync ratio: throughput (round and step times) x statistical
     efficiency (updates to the target, staleness), and what the other schemes do."""
     sync, buff = by_key["sync"], by_key["fedbuff"]
@@ -403,6 +441,7 @@ def explain(args: argparse.Namespace, by_key: dict[str, dict], deadline: float) 
                 ("mean round/step (virtual s)", "round_virtual_s"),
                 ("mean duration of its clients (s)", "client_s_mean"),
                 ("updates per virtual h", "updates_per_h"),
+                ("updates per applied round", "answers_mean"),
                 ("skipped rounds", "skipped"),
                 ("trained, discarded", "trained_discarded"),
                 ("distinct clients aggregated", "distinct_clients"),
@@ -434,30 +473,43 @@ def explain(args: argparse.Namespace, by_key: dict[str, dict], deadline: float) 
         "so more, smaller, slightly stale steps win here; the FedBuff paper, on non-IID data, needs more "
         "updates than FedAvg and gains from throughput alone.",
     ]
-    dl, half, over = (by_key.get(k) for k in ("deadline_q0.1", "deadline_q0.5", "overselect"))
-    if dl is not None and half is not None:
-        need = math.ceil(0.5 * args.cohort)
+    dl, half, over = (by_key.get(k) for k in ("deadline", "deadline_q0.5", "overselect"))
+    if dl is not None:
+        floor = math.ceil(0.1 * args.cohort - 1e-9)
         lines.append(
-            "- The deadline schemes: on the virtual clock a round closes at its `need`-th answer (`need` = "
-            "ceil(quorum x cohort)) or at the deadline, and is skipped (model unchanged) when fewer than "
-            f"`need` answered by then. With quorum 0.1 the round closes at the 2nd answer of {args.cohort}, "
-            f"so the {deadline:g} s deadline "
+            "- FedAvg with a deadline, as FedScale runs it (`faults.quorum=1.0 faults.deadline_quorum=0.1`): "
+            f"a round waits for all {args.cohort} until the {deadline:g} s deadline (the "
+            f"{args.deadline_pct:g}th percentile of the devices' durations; {100 * on_time:.0f}% of the "
+            f"devices make it) and aggregates whoever answered in time, if at least {floor} did. Of its "
+            f"{dl['rounds']} rounds {dl['closed_at_deadline']} closed at the deadline"
             + (
-                "never binds (no round skipped)"
-                if not dl["skipped"]
-                else f"only skips ({dl['skipped']} rounds)"
+                f" (the others when all {args.cohort} had answered before it)"
+                if dl["closed_at_deadline"] < dl["rounds"]
+                else f" (never did all {args.cohort} answer in time)"
             )
-            + ": every round aggregates the 2 fastest clients of its cohort "
-            f"({dl['round_virtual_s']:.1f} s per round; only "
-            f"{dl['distinct_clients']} distinct, fast, clients ever aggregated). With quorum 0.5 it keeps "
-            f"the first {need} and skips the rounds whose {need}th answer comes after the deadline "
-            f"({half['skipped']} skipped, {half['trained_discarded']} trained updates thrown away). Neither "
-            "is the classic deadline round that keeps whoever answered in time: "
-            "`faults.quorum` is both the count that closes a round early and the minimum at the deadline. "
-            f"They reach {target} at {hours(dl['target_h'])} and {hours(half['target_h'])} h (FedBuff "
-            f"{hours(buff['target_h'])} h): smaller, more frequent steps, as above; both select for fast "
-            "devices, which costs accuracy when speed and data are correlated (not the case in this IID "
-            "setting)."
+            + f" and {dl['skipped']} were skipped (fewer than {floor} in time); an applied round "
+            f"aggregated {dl['answers_mean']} updates on average (min "
+            f"{dl['answers_min']}, max {dl['answers_max']}; {on_time * args.cohort:.1f} expected), "
+            f"{dl['late_mean']} clients per round were late (not trained). Rounds of "
+            f"{dl['round_virtual_s']:.1f} s instead of sync's {sync['round_virtual_s']:.1f} s give "
+            f"{dl['updates_per_h']} updates per virtual h (sync {sync['updates_per_h']}); "
+            f"{dl['distinct_clients']} distinct clients were aggregated, about the {100 * on_time:.0f}% of "
+            "the 1,000 devices fast enough (a device's duration does not change between rounds, so the "
+            f"others never contribute). It reaches {target} at {hours(dl['target_h'])} h with "
+            f"{dl['updates_to_target'] or 'n/a'} updates (sync {hours(sync['target_h'])} h, FedBuff "
+            f"{hours(buff['target_h'])} h)."
+        )
+    if half is not None:
+        need = math.ceil(0.5 * args.cohort - 1e-9)
+        lines.append(
+            f"- The early-closing variant (`faults.quorum=0.5`, no `deadline_quorum`) closes a round at its "
+            f"{need}th answer, or skips it at the deadline when fewer than {need} answered by then: "
+            f"{half['skipped']} of {half['rounds']} rounds skipped ({half['trained_discarded']} trained "
+            f"updates thrown away), {half['closed_at_deadline']} closed at the deadline, rounds of "
+            f"{half['round_virtual_s']:.1f} s, {half['updates_per_h']} updates per virtual h, "
+            f"{half['distinct_clients']} distinct clients (the {need} fastest of each cohort); {target} at "
+            f"{hours(half['target_h'])} h. Both deadline schemes select for fast devices, which costs "
+            "accuracy when speed and data are correlated (not the case in this IID setting)."
         )
     if over is not None:
         lines.append(
@@ -472,6 +524,7 @@ def explain(args: argparse.Namespace, by_key: dict[str, dict], deadline: float) 
 def write_results(
     args: argparse.Namespace,
     deadline: dict[int, float],
+    on_time: dict[int, float],
     devices: Population,
     records: dict[int, list[dict]],
     ray_records: list[dict],
@@ -544,7 +597,7 @@ def write_results(
         "",
     ]
     if sync["target_h"] != "" and buff["target_h"] != "":
-        lines += explain(args, by_key, deadline[seed])
+        lines += explain(args, by_key, deadline[seed], on_time[seed])
     if len(args.seeds) > 1:
         keys = [r["key"] for r in main]
         lines += [
@@ -577,8 +630,10 @@ def write_results(
             "",
             "`runtime=ray runtime.num_actors=2 runtime.warm_start=false`, the same setting and virtual "
             f"clock, {args.ray_updates} client updates each, evaluated once at the end, one run at a time "
-            "(the 2 actors, the parameter server and the driver share the 2 cores; busy cores: how many "
-            "cores other processes kept busy in the 2 s before the run started, a shared machine).",
+            "(the 2 actors, the parameter server and the driver share the 2 cores). The machine is shared: "
+            "load average before: the 1, 5 and 15 min load averages (`/proc/loadavg`, as `uptime` prints "
+            "them) just before the run started; busy cores: how many cores all processes kept busy in the "
+            "2 s after that, before the run started.",
             "",
             *table(
                 [
@@ -588,25 +643,31 @@ def write_results(
                     ("real s (whole run)", "real_s"),
                     ("Ray start-up s", "startup_s"),
                     ("training wall s", "train_s"),
-                    ("updates / training s", "updates_per_s"),
+                    ("sum of train_s", "train_s_sum"),
+                    ("updates / training wall s", "updates_per_s"),
                     ("updates / real s", "updates_per_real_s"),
                     ("client s (sum)", "client_s"),
                     ("ms per client", "client_ms_mean"),
                     ("server s (aggregate_s)", "server_s"),
                     ("utilisation", "utilisation"),
-                    ("utilisation, rounds >= 2", "utilisation_r2"),
                     ("round 1 s", "round1_s"),
+                    ("load average before", "loadavg_before"),
                     ("busy cores before", "busy_cores_before"),
                 ],
                 ray_records,
             ),
             "",
-            "Training wall time = the sum of `train_s` over the rounds (FedBuff: server steps) of "
-            "`metrics.csv`: the driver's time from handing a round's (step's) clients to the workers until "
-            "its update is applied; it excludes Ray's start-up before round 1 and the final evaluation. "
-            "Utilisation = the sum of `seconds` (each client's training time in its actor) over the `ok` "
-            "rows of `clients.csv` / (training wall time x 2 actors); the next column leaves out round 1, "
-            "which waits for the actors to start. Updates / real s divides by the whole process (Ray's "
+            "Training wall time = `wall_s` of the last row of `metrics.csv` - (`wall_s` - `round_s`) of "
+            "the first (`wall_s`: cumulative seconds since the process started), i.e. from round 1's "
+            "(FedBuff: server step 1's) start to the last round's end, for both schemes; it excludes Ray's "
+            "start-up before round 1 and includes the final evaluation (in the last row's `round_s`). It "
+            "is not the sum of `train_s` (shown next to it): FedBuff on the virtual clock runs ahead of the "
+            "workers (the driver folds updates and dispatches new clients without waiting, and collects a "
+            "step's rows one step later), so a step's `train_s` spans from its submission to that "
+            "collection and the steps' spans overlap; summing them double-counts. Utilisation = the sum of "
+            "`seconds` (each client's training time in its actor) over the `ok` rows of `clients.csv` / "
+            "(training wall time x 2 actors). Round 1 s: `round_s` of the first row (it includes the "
+            "actors' start: `warm_start=false`). Updates / real s divides by the whole process (Ray's "
             "start-up, the final evaluation, model and plots written).",
             "",
             *ray_summary(ray_records),
@@ -645,20 +706,25 @@ def write_results(
         "staleness_p90",
         "staleness_max",
         "weight_mean",
+        "answers_mean",
+        "answers_min",
+        "answers_max",
+        "late_mean",
+        "closed_at_deadline",
         "deadline_s",
         "repeat",
         "startup_s",
-        "loop_s",
         "train_s",
+        "train_s_sum",
         "round1_s",
         "updates_per_s",
         "updates_per_real_s",
         "client_s",
         "client_ms_mean",
         "utilisation",
-        "utilisation_r2",
         "server_s",
         "busy_cores_before",
+        "loadavg_before",
     ]
     with (RESULTS / f"{NAME}.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, columns, extrasaction="ignore")
@@ -730,11 +796,13 @@ def main() -> None:
     args = parser.parse_args(argv)
     args.ray = args.ray or args.ray_only
 
-    deadline, runs = {}, []
+    deadline, on_time, runs = {}, {}, []
     devices = population(args.seeds[0])
     for seed in args.seeds:
-        deadline[seed] = population(seed).percentile(args.deadline_pct)
-        for scheme in schemes(args, deadline[seed]):
+        devices_s = population(seed)
+        deadline[seed] = devices_s.percentile(args.deadline_pct)
+        on_time[seed] = devices_s.within(deadline[seed])
+        for scheme in schemes(args, deadline[seed], on_time[seed]):
             overrides = [
                 *COMMON,
                 "runtime=sequential",
@@ -748,7 +816,7 @@ def main() -> None:
     ray_runs = []
     if args.ray:
         for repeat in range(1, args.ray_repeats + 1):
-            for scheme in schemes(args, deadline[args.seeds[0]]):
+            for scheme in schemes(args, deadline[args.seeds[0]], on_time[args.seeds[0]]):
                 if scheme.key not in ("sync", "fedbuff"):
                     continue
                 per_round = args.buffer if scheme.asynchronous else args.cohort
@@ -785,12 +853,12 @@ def main() -> None:
         print(f"all runs: {time.perf_counter() - started:.0f} s", flush=True)
     records: dict[int, list[dict]] = {seed: [] for seed in args.seeds}
     for seed, scheme, _, out in runs:
-        records[seed].append(summarize(scheme, out, args.target))
+        records[seed].append(summarize(scheme, out, args.target, deadline[seed]))
     ray_records = []
     for scheme, repeat, _, out in ray_runs:
         label = "FedAvg (sync)" if scheme.key == "sync" else "FedBuff"
         ray_records.append(summarize_ray(scheme.key, label, repeat, out))
-    write_results(args, deadline, devices, records, ray_records)
+    write_results(args, deadline, on_time, devices, records, ray_records)
 
 
 if __name__ == "__main__":
