@@ -78,7 +78,8 @@ class SequentialStream:
 
     def __init__(self, runtime: Any):
         self.rt = runtime
-        self.held: dict[int, Arrays] = {}
+        # every version from when it is made (the server keeps only the last two), until `release`
+        self.held: dict[int, Arrays] = {self.version: self.rt.server.pull(self.version)}
 
     @property
     def version(self) -> int:
@@ -125,7 +126,10 @@ class SequentialStream:
 
     def fold(self, handle: _Job, scale: float) -> bool:
         self._train(handle)
-        return self.rt.server.push(self.version, handle.partial, None, scale)
+        stepped = self.rt.server.push(self.version, handle.partial, None, scale)
+        if stepped:
+            self.held[self.version] = self.rt.server.pull(self.version)
+        return stepped
 
     def step_summary(self) -> dict[str, Any]:
         return self.rt.server.round_summary()

@@ -163,3 +163,26 @@ def test_server_step_is_the_staleness_weighted_mean_over_the_buffer():
         server.push(0, partial, None, scales[client])
     expected = 0.5 * (deltas[1] * 1.0 + deltas[2] * 0.25) / 2
     assert np.allclose(server.pull_latest()[1][MODEL], expected) and server.latest == 1
+
+
+def test_sequential_stream_holds_a_version_until_released(data_root):
+    """A flight handed over many steps after its base version was made still finds it (the parameter
+    server keeps only two versions)."""
+    from raypfl.data.load import load_data
+    from raypfl.driver.experiment import build_setup, initial_snapshot
+    from raypfl.runtime.sequential import SequentialRuntime
+    from tests.conftest import TINY, make_config
+
+    cfg = make_config(*TINY, "runtime=sequential", "algorithm=fedbuff", "algorithm.buffer_size=1")
+    setup = build_setup(cfg, load_data(cfg))
+    runtime = SequentialRuntime()
+    runtime.start(setup, initial_snapshot(setup, setup.model, 0))
+    stream = runtime.stream()
+    for key in range(1, 5):  # four server steps of one update each, each from the latest version
+        stream.open(1)
+        assert stream.fold(stream.dispatch(0, key, stream.version, None), 1.0)
+    stream.open(1)
+    old = stream.dispatch(1, 9, 2, None)  # version 2: no client trained from it yet; the server has 3, 4
+    assert stream.fold(old, 1.0) and stream.version == 5
+    stream.release({2})
+    assert set(stream.held) == {2, 5}
