@@ -133,6 +133,11 @@ def validate(cfg: DictConfig) -> RunSpec:
     check_updates(cfg, spec, algorithm)  # postprocess, aggregator, attack, privacy
     if algorithm.asynchronous:
         _validate_stream(cfg, spec, algorithm.name)
+    require(
+        clients.over_select == 1 or "central_dp" not in spec.root.postprocess,
+        f"clients.over_select={clients.over_select}: central_dp's accountant assumes the sampling of "
+        "clients.per_round clients; over-selection samples more (and keeps the fastest)",
+    )
     from raypfl.runtime.placement import PLACEMENTS
 
     require(

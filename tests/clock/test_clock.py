@@ -103,6 +103,11 @@ def test_upload_bytes_follow_the_client_steps():
         (["algorithm=fedbuff", "aggregator=median"], "algorithm=fedbuff is asynchronous: aggregator=median"),
         (["faults.deadline_quorum=0.1"], "faults.deadline_quorum=0.1 is what a round needs at its deadline"),
         (
+            ["clock.name=virtual", "clients.over_select=1.3", "postprocess=[clip,central_dp]"]
+            + ["clients.selection=poisson", "privacy.noise_multiplier=1", "algorithm.weighting=uniform"],
+            "clients.over_select=1.3: central_dp's accountant assumes the sampling",
+        ),
+        (
             [
                 "clock.name=virtual",
                 "faults.round_timeout_s=9",
