@@ -360,7 +360,8 @@ def summarize_ray(key: str, label: str, repeat: int, out: Path) -> dict:
 
 
 def ray_summary(records: list[dict]) -> list[str]:
-    """The Ray table's upshot: updates per training second of each scheme (median and range), and why."""
+    """The Ray table's upshot: updates per training-wall second of each scheme (median and range), and
+    why."""
 
     def stat(key: str, column: str) -> tuple[float, float, float]:
         values = [float(r[column]) for r in records if r["key"] == key]
@@ -370,19 +371,28 @@ def ray_summary(records: list[dict]) -> list[str]:
     util = {key: stat(key, "utilisation")[0] for key in rate}
     ms = {key: stat(key, "client_ms_mean")[0] for key in rate}
     server = {key: stat(key, "server_s")[0] for key in rate}
+    ratio = rate["fedbuff"][0] / rate["sync"][0]
+    slower = "the slower" if ratio < 1 else "the faster"
+    busy = {key: stat(key, "client_s")[0] for key in rate}
+    first = next(r for r in records if r["key"] == "sync")
+    tasks = {"sync": 2 * int(first["rounds"]), "updates": int(first["updates"])}  # 2 actors per round
     return [
-        f"Updates per training second, median (range): sync FedAvg {rate['sync'][0]:.0f} "
+        f"Updates per training-wall second, median (range): sync FedAvg {rate['sync'][0]:.0f} "
         f"({rate['sync'][1]:.0f}-{rate['sync'][2]:.0f}), FedBuff {rate['fedbuff'][0]:.0f} "
-        f"({rate['fedbuff'][1]:.0f}-{rate['fedbuff'][2]:.0f}): {rate['fedbuff'][0] / rate['sync'][0]:.2f}x; "
-        f"utilisation {util['sync']:.2f} vs {util['fedbuff']:.2f}. In real time FedBuff is the slower "
-        "simulation. Both are CPU-bound (2 actors, the parameter server and the driver on 2 cores), and "
-        "FedBuff spends more CPU per update outside the clients' training: every update is its own actor "
-        "task, its own 0.8 MB partial sent to the parameter server and its own fold call there (server time "
-        f"{server['fedbuff']:.1f} s vs {server['sync']:.1f} s), while a synchronous round sends one task per "
-        "actor, which sums its 10 clients into one partial. That work competes with the actors for the "
-        f"cores: a client's training takes {ms['fedbuff']:.1f} ms in FedBuff vs {ms['sync']:.1f} ms in sync "
-        "(medians of the runs' means), and the utilisation counts those seconds as busy even while an actor "
-        "waits for a core. FedBuff's asynchrony saves device (virtual) time, not simulator time.",
+        f"({rate['fedbuff'][1]:.0f}-{rate['fedbuff'][2]:.0f}): {ratio:.2f}x; utilisation "
+        f"{util['sync']:.2f} vs {util['fedbuff']:.2f}. In real time FedBuff is {slower} simulation. Both "
+        "are CPU-bound (2 actors, the parameter server, the raylet and the driver on 2 cores), and FedBuff "
+        "spends more CPU per update outside the clients' training: every update is its own actor task, its "
+        "own 0.8 MB partial pushed to the parameter server and its own fold call there (server time "
+        f"{server['fedbuff']:.1f} s vs {server['sync']:.1f} s), each dispatched and folded by the driver, "
+        "while a synchronous round sends one task per actor, which sums its 10 clients into one partial "
+        f"({tasks['sync']:,} training tasks and pushes for {tasks['updates']:,} updates instead of "
+        f"{tasks['updates']:,}). That work competes with the "
+        f"actors for the cores: a client's training takes {ms['fedbuff']:.1f} ms in FedBuff vs "
+        f"{ms['sync']:.1f} ms in sync (medians of the runs' means; {busy['fedbuff']:.0f} vs "
+        f"{busy['sync']:.0f} client seconds in all), and the utilisation counts those seconds as busy even "
+        "while an actor waits for a core. FedBuff's asynchrony saves device (virtual) time, not simulator "
+        "time.",
         "",
     ]
 
