@@ -179,6 +179,19 @@ def ray_session():
         ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def kept(ray_session):
+    """The client actors and parameter server a module's Ray runs share (tests/runtime/kept_actors.py: a
+    test opts in with `use_kept`; one that starts its own actors calls `kept.kill(ray_session)` first)."""
+    from tests.runtime.kept_actors import Kept
+
+    pool = Kept()
+    try:
+        yield pool
+    finally:
+        pool.kill(ray_session)
+
+
 @pytest.fixture(scope="session")
 def ray_address(ray_session) -> str:
     """The session Ray's address, for a `python -m raypfl` subprocess to join (`runtime.address=...`)

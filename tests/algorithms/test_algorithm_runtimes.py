@@ -393,15 +393,6 @@ def _start_the_job_early(request):
         request.getfixturevalue("helper_job")
 
 
-@pytest.fixture(scope="module")
-def ray_actors(ray_session):
-    kept = Kept()
-    try:
-        yield kept
-    finally:
-        kept.kill(ray_session)
-
-
 def ray_run(alg: str, out: Path, kept: Kept, rounds: int = 3, warm: bool = False):
     """`alg` on the session's Ray with two client actors (kept); `warm`: behind a WarmStart whose pool
     takes over after round 1. Returns (result, the runtime)."""
@@ -421,14 +412,14 @@ def ray_run(alg: str, out: Path, kept: Kept, rounds: int = 3, warm: bool = False
 
 
 @pytest.fixture(scope="module")
-def ray_results(ray_actors, tmp_path_factory) -> Callable[[str], tuple]:
+def ray_results(kept, tmp_path_factory) -> Callable[[str], tuple]:
     """`ray_results(alg)`: (the 3-round Ray run's result, its clients' rows), run once on first use."""
     runs: dict[str, tuple] = {}
 
     def get(alg: str) -> tuple:
         if alg not in runs:
             out = tmp_path_factory.mktemp(f"ray-{alg}")
-            result, _ = ray_run(alg, out, ray_actors)
+            result, _ = ray_run(alg, out, kept)
             runs[alg] = (result, load_checkpoint(out)["client_rows"])
         return runs[alg]
 
@@ -506,14 +497,14 @@ def test_warm_start_hands_over_the_server_state(alg, uninterrupted, tmp_path, mo
     assert_identical(Final.of_result(result), plain.after[3], "warm vs plain")
 
 
-def test_warm_start_on_ray_hands_over_to_the_actors(uninterrupted, ray_actors, tmp_path):
+def test_warm_start_on_ray_hands_over_to_the_actors(uninterrupted, kept, tmp_path):
     """A real warm start on Ray, for FedAdam (server state m, v, t): round 1 trains in the driver while the
     RayRuntime launches its actors and parameter-server actor; then `take_over` puts the driver's
     broadcast and server state in the object store and resets the parameter-server actor to them, and
     rounds 2 and 3 run on the actors. (`runtime.warm_start=true` itself only applies to a Ray the run
     starts, ~15 s more here; the pool's `ready()` waits for the actors, so the hand-over is always after
     round 1.)"""
-    result, warm = ray_run("fedadam", tmp_path, ray_actors, warm=True)
+    result, warm = ray_run("fedadam", tmp_path, kept, warm=True)
     assert warm.local_rounds == 1 and warm.local is None  # the pool took over after round 1
     assert result.server.state["t"] == 3
     assert_close(Final.of_result(result), uninterrupted("fedadam").after[3], "ray warm vs sequential")

@@ -11,12 +11,11 @@ import time
 import numpy as np
 import pytest
 
-import raypfl.driver.experiment
 from raypfl.driver.experiment import run_experiment
 from raypfl.jobs.checkpoint import load_checkpoint
 from raypfl.runtime.worker import ClientWorker
 from tests.conftest import TINY, make_config, run_cli
-from tests.runtime.kept_actors import Kept, KeptActors
+from tests.runtime.kept_actors import use_kept
 
 #: Why 1e-5 holds on every CPU (as tests/runtime/test_runtimes.py): each client's float32 update is the same
 #: bits on every runtime (same kernels, one thread); only the float64 sum of a synchronous round's updates
@@ -44,23 +43,6 @@ FEDBUFF = [
     "partition.client_test_fraction=0.2",  # per-client evaluation works on a stream too
     "train.eval_clients_every=2",
 ]
-
-
-@pytest.fixture(scope="module")
-def kept(ray_session):
-    """Two client actors and a parameter server shared by the synchronous and FedBuff Ray runs (`KeptActors`:
-    the second run re-initialises them with its own setup instead of starting three processes). The run
-    that kills an actor starts its own (Ray restarts a killed actor with the arguments it was created with),
-    after freeing the kept ones' CPUs."""
-    kept = Kept()
-    try:
-        yield kept
-    finally:
-        kept.kill(ray_session)
-
-
-def on_kept_actors(patch, kept: Kept) -> None:
-    patch.setattr(raypfl.driver.experiment, "build_runtime", lambda spec: KeptActors(spec, kept))
 
 
 def client_rows(run) -> list[dict]:
@@ -114,7 +96,7 @@ def test_virtual_round_does_not_depend_on_runtime_or_real_speed(
     assert slow.rounds[-1]["wall_s"] > sequential_sync.rounds[-1]["wall_s"]  # it really was slower
     np.testing.assert_array_equal(slow.weights, sequential_sync.weights)
     assert timeline(slow) == timeline(sequential_sync)
-    on_kept_actors(monkeypatch, kept)
+    use_kept(monkeypatch, kept)
     ray_run = run_experiment(make_config(*VIRTUAL, "runtime=ray", "runtime.num_actors=2"), tmp_path / "ray")
     assert np.abs(ray_run.weights - sequential_sync.weights).max() <= CROSS_RUNTIME
     assert timeline(ray_run) == timeline(sequential_sync)
@@ -137,7 +119,7 @@ def sequential_fedbuff(tmp_path_factory, data_root):
 def test_fedbuff_is_the_same_on_ray_and_sequential(
     sequential_fedbuff, ray_session, kept, monkeypatch, tmp_path
 ):
-    on_kept_actors(monkeypatch, kept)
+    use_kept(monkeypatch, kept)
     ray_run = run_experiment(make_config(*FEDBUFF, "runtime=ray", "runtime.num_actors=2"), tmp_path)
     np.testing.assert_array_equal(ray_run.weights, sequential_fedbuff.weights)
     assert timeline(ray_run) == timeline(sequential_fedbuff)

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-import raypfl.driver.experiment
 from raypfl.config import ClientsSpec, FaultsSpec
 from raypfl.driver.balancing import WorkloadBalancer
 from raypfl.driver.experiment import run_experiment
@@ -18,7 +17,7 @@ from raypfl.driver.selection import CohortSampler
 from raypfl.errors import ConfigError, RunStopped
 from raypfl.jobs.checkpoint import FILENAME, load_checkpoint, save_checkpoint
 from tests.conftest import TINY, make_config
-from tests.runtime.kept_actors import Kept, KeptActors
+from tests.runtime.kept_actors import use_kept
 from tests.test_cli import run_cli
 
 SEQ = [*TINY, "runtime=sequential"]
@@ -190,23 +189,6 @@ def test_sigkill_after_round_3_and_resume_gives_the_uninterrupted_model(tmp_path
 # --- Ray: quorum, deadlines, killed actors -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def kept(ray_session):
-    """Two client actors and a parameter server shared by the quorum and deadline runs (`KeptActors`: each
-    run re-initialises them with its own setup; a run starts only when they have finished all earlier work,
-    as `start` waits for their `ready`). The runs that kill actors start their own (Ray restarts a killed
-    actor with the arguments it was created with), after freeing the kept ones' CPUs."""
-    kept = Kept()
-    try:
-        yield kept
-    finally:
-        kept.kill(ray_session)
-
-
-def on_kept_actors(monkeypatch, kept: Kept) -> None:
-    monkeypatch.setattr(raypfl.driver.experiment, "build_runtime", lambda spec: KeptActors(spec, kept))
-
-
 def test_killing_an_actor_mid_round_loses_no_client_state(ray_session, kept, tmp_path, caplog):
     kept.kill(ray_session)  # this run starts its own actors (kept ones would hold the CPUs)
     args = [*TINY, "optim.persistent_state=true", "optim.momentum=0.9", "train.rounds=3"]
@@ -243,7 +225,7 @@ def test_dead_actor_clients_move_to_the_living(ray_session, kept, tmp_path, capl
 
 
 def test_quorum_closes_the_round_without_stragglers(ray_session, kept, monkeypatch, tmp_path):
-    on_kept_actors(monkeypatch, kept)
+    use_kept(monkeypatch, kept)
     cfg = make_config(
         *TINY,
         "runtime.num_actors=2",
@@ -273,7 +255,7 @@ def test_quorum_closes_the_round_without_stragglers(ray_session, kept, monkeypat
 
 
 def test_deadline_closes_the_round_and_cancels_stragglers(ray_session, kept, monkeypatch, tmp_path):
-    on_kept_actors(monkeypatch, kept)
+    use_kept(monkeypatch, kept)
     cfg_args = [
         *TINY,
         "runtime.num_actors=2",

@@ -23,6 +23,13 @@ class Kept:
         self.clients, self.server = [], None
 
 
+def use_kept(monkeypatch, kept: Kept) -> None:
+    """Runs of the calling test build their Ray runtime on `kept`'s actors."""
+    import raypfl.driver.experiment
+
+    monkeypatch.setattr(raypfl.driver.experiment, "build_runtime", lambda spec: KeptActors(spec, kept))
+
+
 class KeptActors(RayRuntime):
     """A RayRuntime whose actors outlive it: the next run's runtime re-initialises them in place, each
     with its own constructor and the new run's arguments (`ClientWorker.__init__` with the new setup,

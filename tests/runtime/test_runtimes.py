@@ -11,13 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-import raypfl.driver.experiment
 from raypfl.config import RuntimeSpec
 from raypfl.data.load import load_data
 from raypfl.driver.experiment import build_setup, initial_snapshot, run_experiment
 from raypfl.runtime.base import RoundPlan
 from tests.conftest import TINY, make_config
-from tests.runtime.kept_actors import Kept, KeptActors
+from tests.runtime.kept_actors import KeptActors, use_kept
 
 DIRICHLET = [
     *TINY,
@@ -28,21 +27,6 @@ DIRICHLET = [
     "model=tiny_cnn",
     "clients.per_round=5",
 ]
-
-
-@pytest.fixture(scope="module")
-def kept(ray_session):
-    """The actors this module's Ray runs share."""
-    kept = Kept()
-    try:
-        yield kept
-    finally:
-        kept.kill(ray_session)
-
-
-def keeping(monkeypatch, kept: Kept) -> None:
-    """Runs of this test build their Ray runtime on the module's actors (see the module docstring)."""
-    monkeypatch.setattr(raypfl.driver.experiment, "build_runtime", lambda spec: KeptActors(spec, kept))
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +54,7 @@ def test_ray_and_sequential_give_the_same_model(sequential_run, ray_session, kep
     spread over actors (tests/algorithms/test_algorithm_runtimes.py runs every algorithm on 2). Fresh
     actors, started by this run (kept afterwards for the module's other Ray tests)."""
     kept.kill(ray_session)  # whatever ran before: this run starts its own
-    keeping(monkeypatch, kept)
+    use_kept(monkeypatch, kept)
     ray_run = run_experiment(
         make_config(*DIRICHLET, "runtime=ray", "runtime.num_actors=3", "runtime.cpus_per_actor=0.5"), tmp_path
     )
@@ -127,7 +111,7 @@ def test_vectorized_clients_inside_ray_actors_match_sequential(
     seq = run_experiment(
         make_config(*TINY, "runtime=sequential", "runtime.vectorize=true"), tmp_path / "seq"
     ).weights
-    keeping(monkeypatch, kept)
+    use_kept(monkeypatch, kept)
     ray_vec = run_experiment(
         make_config(*TINY, "runtime=ray", "runtime.num_actors=2", "runtime.vectorize=true"), tmp_path / "ray"
     ).weights
