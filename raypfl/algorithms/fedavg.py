@@ -61,29 +61,31 @@ class FedAvg(Algorithm):
     ) -> list[tuple[ClientUpdate, Any]]:
         """`client_update` for many clients at once, in lock-step (`runtime.vectorize=true`).
 
-        All contexts share one model holding the global weights; see `raypfl.training.lockstep`.
+        All contexts share one model holding the global weights; see `raypfl.training.lockstep`. With
+        `optim.persistent_state=true` each client's momentum comes from and goes back to its state, in
+        torch's optimizer `state_dict` format (the plain path's: either path can resume the other's run).
         """
-        import torch
-
-        from raypfl.models.weights import flat_names
-        from raypfl.training.lockstep import ClientJob, train_lockstep
+        from raypfl.training.lockstep import optimizer_states, stack_optimizer_states, train_lockstep
 
         model = contexts[0].model
-        start = {name: p.detach() for name, p in model.named_parameters()}
-        jobs = [
-            ClientJob(ctx.x, ctx.y, ctx.indices, ctx.generator, self.local_train(ctx)) for ctx in contexts
-        ]
-        stacked, results = train_lockstep(model, start, jobs, self.optim, self.proximal_mu())
-        flat = torch.cat([stacked[name].reshape(len(jobs), -1) for name in flat_names(model)], dim=1)
-        deltas = flat.cpu().numpy() - broadcast[MODEL][None, :]
+        momentum = None
+        if self.stateful_clients:
+            momentum = stack_optimizer_states(model, self.optim, [ctx.state for ctx in contexts])
+        jobs = jobs_of(self, contexts)
+        stacked, results = train_lockstep(
+            model, start_weights(model), jobs, self.optim, self.proximal_mu(), momentum=momentum
+        )
+        deltas = lockstep_flat(model, stacked) - broadcast[MODEL][None, :]
+        n = len(contexts)
+        states = optimizer_states(model, self.optim, momentum, n) if self.stateful_clients else [None] * n
         return [
             (
                 ClientUpdate(
                     ctx.client, {MODEL: delta}, {MODEL: self.client_weight(ctx)}, metrics(ctx, result)
                 ),
-                None,
+                state,
             )
-            for ctx, delta, result in zip(contexts, deltas, results)
+            for ctx, delta, result, state in zip(contexts, deltas, results, states)
         ]
 
     # --- server half -----------------------------------------------------------------------------------
@@ -109,6 +111,30 @@ def metrics(ctx: ClientContext, result: Any) -> dict[str, float]:
         "train_acc": result.accuracy,
         "steps": result.steps,
     }
+
+
+def start_weights(model: Any) -> dict[str, Any]:
+    """The lock-step start: the model's parameters (the global model the worker just loaded), by name."""
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
+def jobs_of(algorithm: Algorithm, contexts: list[ClientContext]) -> list[Any]:
+    """One lock-step ClientJob per client: its data view, shuffling and local work."""
+    from raypfl.training.lockstep import ClientJob
+
+    return [
+        ClientJob(ctx.x, ctx.y, ctx.indices, ctx.generator, algorithm.local_train(ctx)) for ctx in contexts
+    ]
+
+
+def lockstep_flat(model: Any, stacked: dict[str, Any]) -> np.ndarray:
+    """Stacked lock-step parameters as one row per client, laid out as `get_flat` lays out the model."""
+    import torch
+
+    from raypfl.models.weights import flat_names
+
+    n = len(next(iter(stacked.values())))
+    return torch.cat([stacked[name].reshape(n, -1) for name in flat_names(model)], dim=1).cpu().numpy()
 
 
 def local_sgd(

@@ -10,7 +10,7 @@ import numpy as np
 
 from raypfl.algorithms.aggregate import MODEL, Aggregate, Arrays, ClientUpdate
 from raypfl.algorithms.base import Algorithm, ClientContext
-from raypfl.algorithms.fedavg import local_sgd, metrics, weight_of
+from raypfl.algorithms.fedavg import jobs_of, local_sgd, lockstep_flat, metrics, start_weights, weight_of
 from raypfl.config import WEIGHTINGS, knob
 from raypfl.errors import ConfigError
 
@@ -77,7 +77,39 @@ class Scaffold(Algorithm):
                     p.grad.add_(corr)
 
         result, _ = local_sgd(ctx, self.optim, self.local_train(ctx), adjust)
-        y = get_flat(ctx.model)
+        return self._finish(ctx, x, c, c_i, get_flat(ctx.model), result)
+
+    def client_updates(
+        self, contexts: list[ClientContext], broadcast: Arrays
+    ) -> list[tuple[ClientUpdate, Any]]:
+        """`client_update` for many clients at once, in lock-step (`runtime.vectorize=true`): each client's
+        gradient gets its own correction c - c_i at each of its steps, as on the plain path."""
+        import torch
+
+        from raypfl.training.lockstep import train_lockstep
+
+        model = contexts[0].model
+        x, c = broadcast[MODEL], broadcast[CONTROL]
+        controls = [ctx.state if ctx.state is not None else np.zeros_like(c) for ctx in contexts]
+        device = next(model.parameters()).device
+        corrections = torch.from_numpy(np.stack([c - c_i for c_i in controls])).to(device)
+        correction, offset = {}, 0
+        for name, p in model.named_parameters():  # buffer-free models: get_flat's layout
+            correction[name] = corrections[:, offset : offset + p.numel()].reshape(len(contexts), *p.shape)
+            offset += p.numel()
+        stacked, results = train_lockstep(
+            model, start_weights(model), jobs_of(self, contexts), self.optim, correction=correction
+        )
+        ys = lockstep_flat(model, stacked)
+        return [
+            self._finish(ctx, x, c, c_i, y, result)
+            for ctx, c_i, y, result in zip(contexts, controls, ys, results)
+        ]
+
+    def _finish(
+        self, ctx: ClientContext, x: np.ndarray, c: np.ndarray, c_i: np.ndarray, y: np.ndarray, result: Any
+    ) -> tuple[ClientUpdate, np.ndarray]:
+        """The client's update (y - x, c_i+ - c_i) and its new control variate (option II)."""
         steps = max(result.steps, 1)
         c_i_new = (c_i.astype(np.float64) - c + (x.astype(np.float64) - y) / (steps * self.optim.lr)).astype(
             np.float32

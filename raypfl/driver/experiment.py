@@ -99,12 +99,6 @@ def build_setup(
             raise ConfigError(
                 f"runtime.vectorize=true: algorithm={cfg.algorithm.name} has no lock-step client half"
             )
-        if algorithm.stateful_clients:
-            raise ConfigError(
-                f"runtime.vectorize=true: algorithm={cfg.algorithm.name} keeps per-client state across "
-                "rounds "
-                "(e.g. optim.persistent_state=true), which lock-step clients do not"
-            )
         check_vectorizable(probe, spec.optim)
     updates = updates or build_updates(cfg, spec, algorithm, clients.num)
     return FederationSetup(

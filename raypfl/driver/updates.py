@@ -81,11 +81,6 @@ def check_updates(cfg: DictConfig, spec: RunSpec, algorithm: Algorithm | None) -
         f"attack.kind={attack.kind} with attack.fraction={show(attack.fraction)}: set both "
         "(a kind and a fraction > 0) or neither",
     )
-    if spec.runtime.vectorize and any(getattr(s, "stateful", False) for s in steps.values()):
-        raise ConfigError(
-            "runtime.vectorize=true: topk.error_feedback=true keeps per-client state, which lock-step "
-            "clients do not; set topk.error_feedback=false or runtime.vectorize=false"
-        )
     if CENTRAL_DP not in names:
         dp_keys = [k for k in ("noise_multiplier", "epsilon") if getattr(privacy, k) is not None]
         require(

@@ -116,15 +116,13 @@ class ClientWorker:
         own_states = states is None
         states = self.client_states if own_states else states
         if self.setup.vectorize and clients:
-            for update, row in self._train_lockstep(broadcast, round_idx, clients, work or {}):
-                row["accepted"] = partial.add(update)
-                row["status"] = "ok" if row["accepted"] else "rejected"
-                metrics.append(row)
-            return partial, metrics, {}
-        for client in clients:
-            update, state, row = self._train_client(
-                broadcast, round_idx, client, (work or {}).get(client), states
+            answers = self._train_lockstep(broadcast, round_idx, clients, work or {}, states)
+        else:
+            answers = (
+                self._train_client(broadcast, round_idx, client, (work or {}).get(client), states)
+                for client in clients
             )
+        for client, (update, state, row) in zip(clients, answers):
             if update is not None:
                 row["accepted"] = partial.add(update)
                 row["status"] = "ok" if row["accepted"] else "rejected"
@@ -243,20 +241,30 @@ class ClientWorker:
         )
 
     def _train_lockstep(
-        self, broadcast: Arrays, round_idx: int, clients: list[int], work: dict[int, dict[str, Any]]
-    ) -> list[tuple[ClientUpdate, dict[str, Any]]]:
-        """All `clients` together in lock-step (`runtime.vectorize=true`; validated free of faults)."""
+        self,
+        broadcast: Arrays,
+        round_idx: int,
+        clients: list[int],
+        work: dict[int, dict[str, Any]],
+        states: dict[int, Any],
+    ) -> list[tuple[ClientUpdate, Any, dict[str, Any]]]:
+        """All `clients` together in lock-step (`runtime.vectorize=true`; validated free of faults): each
+        one's (update, state to keep, row), as `_train_client` gives them."""
         start = time.perf_counter()
         set_flat(self.model, broadcast[MODEL])
-        contexts = [self._context(c, round_idx, work.get(c), None) for c in clients]
+        contexts = []
+        for client in clients:
+            state, _ = split_state(states.get(client))  # the algorithm's part, as on the plain path
+            own = copy.deepcopy(state) if state is not None else None
+            contexts.append(self._context(client, round_idx, work.get(client), own))
         updates = self.algorithm.client_updates(contexts, broadcast)
         share = (time.perf_counter() - start) / max(len(clients), 1)  # lock-step: each client's share
-        rows = []
-        for client, (update, _) in zip(clients, updates):
+        answers = []
+        for client, (update, state) in zip(clients, updates):
             row = {"round": round_idx, "client": client, "attempts": 1, "work": work_amount(work.get(client))}
-            update, _, row["bytes_up"] = self._postprocess(update, None, None, round_idx)  # stateless steps
-            rows.append((update, {**row, **update.metrics, "seconds": share}))
-        return rows
+            update, state, row["bytes_up"] = self._postprocess(update, state, states.get(client), round_idx)
+            answers.append((update, state, {**row, **update.metrics, "seconds": share}))
+        return answers
 
     def client_data(self, client: int, round_idx: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         """(x, y, indices) of one client's round: a view of the shared arrays, or the client's own data

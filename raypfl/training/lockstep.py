@@ -8,8 +8,10 @@ parameters), and one SGD step updates them all. Clients with fewer batches, or a
 are handled by masking: padded samples do not count in the loss, and a client with no batch left at a
 step is not updated (its parameters and momentum stay as they are), exactly as if it had stopped.
 
-Supported: SGD (with momentum, weight decay), models without buffers (no BatchNorm running stats) and
-without randomness in training (no dropout). The plain path remains the reference: in float64 both agree
+Supported: SGD (with momentum, weight decay; momentum buffers may come in and go out per client, for
+`optim.persistent_state`), per-client gradient terms (FedProx's proximal term, SCAFFOLD's control-variate
+correction), models without buffers (no BatchNorm running stats) and without randomness in training (no
+dropout). The plain path remains the reference: in float64 both agree
 to <= 1e-10 after one local epoch; in float32 they differ by summation order only (see
 tests/training/test_vectorize.py for what that does and does not bound).
 """
@@ -26,7 +28,7 @@ from torch.func import functional_call, vmap
 
 from raypfl.config import OptimSpec, TrainSpec
 from raypfl.errors import ConfigError
-from raypfl.training.local import TrainResult, batches
+from raypfl.training.local import TrainResult, batches, make_optimizer
 
 
 @dataclass
@@ -71,18 +73,25 @@ def train_lockstep(
     jobs: list[ClientJob],
     optim: OptimSpec,
     proximal_mu: float = 0.0,
+    correction: dict[str, torch.Tensor] | None = None,
+    momentum: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[TrainResult]]:
     """Train every job's client from `global_weights` (name -> tensor); return stacked final parameters
     (name -> tensor with a leading client axis) and each client's TrainResult.
 
     `proximal_mu` > 0 adds FedProx's `mu * (w - w_global)` to every gradient (as the plain path's
-    `adjust` does), before weight decay."""
+    `adjust` does), before weight decay. `correction` (name -> stacked tensor) is added to every client's
+    gradient at each of its steps, also before weight decay (SCAFFOLD's `c - c_i`). `momentum` (name ->
+    stacked tensor) holds the clients' momentum buffers on entry (zeros: a fresh optimizer, which
+    torch's first step `buf = g` equals exactly) and is updated in place (`optim.persistent_state`)."""
     n = len(jobs)
     plans, steps = _schedule(jobs)
     x, y, offsets = _source(jobs)
     width = max((len(b) for plan in plans for b in plan), default=1)
     params = {k: v.detach().unsqueeze(0).repeat(n, *([1] * v.dim())) for k, v in global_weights.items()}
-    momentum = {k: torch.zeros_like(v) for k, v in params.items()} if optim.momentum else None
+    if optim.momentum and momentum is None:
+        momentum = {k: torch.zeros_like(v) for k, v in params.items()}
+    momentum = momentum if optim.momentum else None
     names = list(params)
     device, dtype = next(iter(params.values())).device, next(iter(params.values())).dtype
     plain_sgd = not optim.momentum and not optim.weight_decay and not proximal_mu
@@ -109,6 +118,8 @@ def train_lockstep(
         mask, counts, active = mask.to(device), counts.to(device), active.to(device)
         if stack is not None:
             logits, per_client = _fused_linear_step(stack, params, xb, targets, mask, counts, optim.lr)
+            if correction is not None:
+                _correct(params, correction, active, full, optim.lr)
         else:
             leaves = [params[k].requires_grad_() for k in names]
             logits = forward(dict(zip(names, leaves)), xb)
@@ -120,7 +131,9 @@ def train_lockstep(
                 grads = dict(zip(names, grads))
                 if anchor is not None:
                     grads = {k: g.add(params[k] - anchor[k], alpha=proximal_mu) for k, g in grads.items()}
-                _sgd_step(params, momentum, grads, active, full, step, optim)
+                if correction is not None:
+                    grads = {k: g.add(correction[k]) for k, g in grads.items()}
+                _sgd_step(params, momentum, grads, active, full, optim)
         with torch.no_grad():
             hits = (logits.argmax(-1) == targets).float() * mask
             loss_sum += (per_client.detach() * counts).double().cpu()
@@ -207,23 +220,37 @@ def _fused_linear_step(
     return logits, per_client
 
 
+def _correct(
+    params: dict[str, torch.Tensor],
+    correction: dict[str, torch.Tensor],
+    active: torch.Tensor,
+    full: bool,
+    lr: float,
+) -> None:
+    """The fused path's share of a corrected gradient: `p -= lr * correction` for the active clients."""
+    for k, p in params.items():
+        c = correction[k] if full else correction[k] * active.view((-1,) + (1,) * (p.dim() - 1)).to(p.dtype)
+        p.sub_(c, alpha=lr)
+
+
 def _sgd_step(
     params: dict[str, torch.Tensor],
     momentum: dict[str, torch.Tensor] | None,
     grads: dict[str, torch.Tensor],
     active: torch.Tensor,
     full: bool,
-    step: int,
     optim: OptimSpec,
 ) -> None:
-    """torch.optim.SGD's update (weight decay, momentum without dampening) for the active clients only."""
+    """torch.optim.SGD's update (weight decay, momentum without dampening) for the active clients only.
+
+    A zero buffer gives `0 * momentum + g == g` exactly: torch's first step (`buf = g`) needs no case."""
     for k, p in params.items():
         g = grads[k]
         if optim.weight_decay:
             g = g.add(p, alpha=optim.weight_decay)
         if momentum is not None:
             buf = momentum[k]
-            new = g.clone() if step == 0 else buf * optim.momentum + g
+            new = buf * optim.momentum + g
             if full:
                 buf.copy_(new)
             else:
@@ -234,3 +261,42 @@ def _sgd_step(
             p.sub_(g, alpha=optim.lr)
         else:
             p.sub_(g * active.view((-1,) + (1,) * (p.dim() - 1)).to(g.dtype), alpha=optim.lr)
+
+
+def stack_optimizer_states(
+    model: nn.Module, optim: OptimSpec, states: list[dict | None]
+) -> dict[str, torch.Tensor] | None:
+    """The clients' SGD momentum buffers (their optimizer `state_dict`s, None: never trained) stacked by
+    parameter name; zeros where a client has none. None if `optim.momentum` is 0 (SGD keeps no buffer)."""
+    if not optim.momentum:
+        return None
+    names = [name for name, _ in model.named_parameters()]
+    stacked = {
+        name: torch.zeros((len(states), *p.shape), dtype=p.dtype) for name, p in model.named_parameters()
+    }
+    for c, state in enumerate(states):
+        if state is None:
+            continue
+        optimizer = make_optimizer(model.parameters(), optim)
+        optimizer.load_state_dict(state)
+        for name, p in zip(names, model.parameters()):
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None:
+                stacked[name][c].copy_(buf)
+    device = next(model.parameters()).device
+    return {name: t.to(device) for name, t in stacked.items()}
+
+
+def optimizer_states(
+    model: nn.Module, optim: OptimSpec, momentum: dict[str, torch.Tensor] | None, n: int
+) -> list[dict]:
+    """Each client's optimizer `state_dict` (CPU tensors) after lock-step training: what the plain path's
+    `torch.optim.SGD` would hold, so a state written by either path loads in the other."""
+    states = []
+    for c in range(n):
+        optimizer = make_optimizer(model.parameters(), optim)
+        if momentum is not None:
+            for name, p in model.named_parameters():
+                optimizer.state[p]["momentum_buffer"] = momentum[name][c].detach().cpu().clone()
+        states.append(optimizer.state_dict())
+    return states

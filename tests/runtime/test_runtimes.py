@@ -101,18 +101,19 @@ def test_actors_return_one_partial_and_client_states(ray_session, kept, data_roo
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["fedavg", "scaffold"])
 def test_vectorized_clients_inside_ray_actors_match_sequential(
-    data_root, ray_session, kept, monkeypatch, tmp_path
+    data_root, ray_session, kept, monkeypatch, tmp_path, algorithm
 ):
     """Ray actors run the lock-step path (`runtime.vectorize=true`, tests/training/test_vectorize.py) with
     the sequential runtime's kernels (1 thread each, same process type); only the float64 sums of partials
     are grouped differently, which reaches the float32 model only when a sum lands within ~1e-16 of a
-    float32 rounding boundary: equal in practice."""
-    seq = run_experiment(
-        make_config(*TINY, "runtime=sequential", "runtime.vectorize=true"), tmp_path / "seq"
-    ).weights
+    float32 rounding boundary: equal in practice. SCAFFOLD: lock-step clients' control variates travel
+    through the driver to the actors and back, as plain clients' do."""
+    overrides = (*TINY, f"algorithm={algorithm}", "runtime.vectorize=true")
+    seq = run_experiment(make_config(*overrides, "runtime=sequential"), tmp_path / "seq").weights
     use_kept(monkeypatch, kept)
     ray_vec = run_experiment(
-        make_config(*TINY, "runtime=ray", "runtime.num_actors=2", "runtime.vectorize=true"), tmp_path / "ray"
+        make_config(*overrides, "runtime=ray", "runtime.num_actors=2"), tmp_path / "ray"
     ).weights
     assert np.abs(seq - ray_vec).max() <= 1e-5

@@ -27,6 +27,7 @@ from raypfl.data.load import load_data
 from raypfl.driver.experiment import build_setup, run_experiment
 from raypfl.errors import ConfigError
 from raypfl.models.io import initial_weights
+from raypfl.models.weights import parameter_views
 from raypfl.models.zoo import build_model
 from raypfl.training.local import batches, make_optimizer, train_local
 from raypfl.training.lockstep import ClientJob, train_lockstep
@@ -42,8 +43,11 @@ def mnist(data_root) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.as_tensor(data.train_x), torch.as_tensor(data.train_y).long()
 
 
-def _plain_and_lockstep(mnist, model_name, dtype, train, optim, sizes):
-    """Each client trained alone (train_local) and all together (train_lockstep), from one start."""
+def _plain_and_lockstep(mnist, model_name, dtype, train, optim, sizes, correction=None, momentum=None):
+    """Each client trained alone (train_local) and all together (train_lockstep), from one start.
+
+    `correction` (client -> flat vector) is added to that client's gradient at every step; `momentum`
+    (client -> flat vector) is its momentum buffer on entry (`optim.persistent_state`)."""
     x, y = mnist[0].to(dtype), mnist[1]
     torch.manual_seed(0)
     model = build_model(model_name).to(dtype)
@@ -54,21 +58,33 @@ def _plain_and_lockstep(mnist, model_name, dtype, train, optim, sizes):
     for c, part in enumerate(parts):
         alone = build_model(model_name).to(dtype)
         alone.load_state_dict(start, strict=False)
-        train_local(
-            alone,
-            make_optimizer(alone.parameters(), optim),
-            x,
-            y,
-            part,
-            train,
-            torch.Generator().manual_seed(c),
-        )
+        optimizer = make_optimizer(alone.parameters(), optim)
+        if momentum is not None:
+            for p, buf in zip(alone.parameters(), parameter_views(alone, momentum[c])):
+                optimizer.state[p]["momentum_buffer"] = buf.clone()
+        adjust = None
+        if correction is not None:
+            pairs = list(zip(alone.parameters(), parameter_views(alone, correction[c])))
+
+            def adjust(pairs=pairs):
+                for p, v in pairs:
+                    p.grad.add_(v)
+
+        train_local(alone, optimizer, x, y, part, train, torch.Generator().manual_seed(c), adjust)
         plain.append(torch.cat([p.detach().flatten() for p in alone.parameters()]))
     jobs = [ClientJob(x, y, part, torch.Generator().manual_seed(c), train) for c, part in enumerate(parts)]
-    stacked, results = train_lockstep(model, start, jobs, optim)
+    stacked = {k: _stacked(model, k, correction) for k in start} if correction is not None else None
+    buffers = {k: _stacked(model, k, momentum) for k in start} if momentum is not None else None
+    stacked, results = train_lockstep(model, start, jobs, optim, correction=stacked, momentum=buffers)
     together = [torch.cat([stacked[k][c].flatten() for k in start]) for c in range(len(parts))]
     first = torch.cat([v.flatten() for v in start.values()])
     return torch.stack(plain).double(), torch.stack(together).double(), first.double(), results
+
+
+def _stacked(model, name: str, flats: list[torch.Tensor]) -> torch.Tensor:
+    """Parameter `name`'s slice of every client's flat vector, stacked on a client axis."""
+    index = [k for k, _ in model.named_parameters()].index(name)
+    return torch.stack([parameter_views(model, flat)[index].clone() for flat in flats])
 
 
 PATHS = {
@@ -104,6 +120,51 @@ def test_lockstep_one_float32_step_is_within_the_reordering_bound(mnist, path):
     assert (plain - together).abs().max().item() <= ONE_STEP_RELATIVE * step
 
 
+@pytest.mark.parametrize(
+    "path, what",
+    [
+        ("cnn-vmap", "correction"),
+        ("mlp-fused-sgd", "correction"),
+        ("uneven-masked-fused", "correction"),
+        ("uneven-masked-vmap", "momentum"),
+        ("mlp-vmap-momentum", "momentum"),
+    ],
+)
+def test_lockstep_carries_per_client_terms_like_plain_in_float64(mnist, path, what):
+    """Claim 1 with what stateful algorithms bring: SCAFFOLD's per-client gradient correction c - c_i (on
+    the autograd and the fused path, masked clients included) and momentum buffers carried in from earlier
+    rounds (`optim.persistent_state`)."""
+    model_name, optim, sizes = PATHS[path]
+    train = TrainSpec(batch_size=7 if "uneven" in path else 20, local_epochs=1)
+    size = sum(p.numel() for p in build_model(model_name).parameters())
+    g = torch.Generator().manual_seed(5)
+    terms = [0.05 * torch.randn(size, generator=g, dtype=torch.float64) for _ in sizes]
+    kwargs = {what: terms}
+    plain, together, start, _ = _plain_and_lockstep(
+        mnist, model_name, torch.float64, train, optim, sizes, **kwargs
+    )
+    without, _, _, _ = _plain_and_lockstep(mnist, model_name, torch.float64, train, optim, sizes)
+    assert (plain - together).abs().max().item() <= FLOAT64_BOUND
+    assert (plain - without).abs().max().item() > 1e-3  # the term mattered
+
+
+def test_optimizer_states_round_trip_in_torch_format():
+    """Lock-step momentum goes out as torch.optim.SGD state_dicts the plain path loads, and comes back."""
+    from raypfl.training.lockstep import optimizer_states, stack_optimizer_states
+
+    model = build_model("mlp")
+    optim = OptimSpec(lr=0.1, momentum=0.9)
+    buffers = {k: torch.randn(3, *p.shape) for k, p in model.named_parameters()}
+    states = optimizer_states(model, optim, buffers, 3)
+    plain = make_optimizer(model.parameters(), optim)
+    plain.load_state_dict(states[1])
+    for name, p in model.named_parameters():
+        assert torch.equal(plain.state[p]["momentum_buffer"], buffers[name][1])
+    back = stack_optimizer_states(model, optim, [states[0], None, states[2]])
+    assert torch.equal(back[name][2], buffers[name][2]) and not back[name][1].any()
+    assert stack_optimizer_states(model, OptimSpec(lr=0.1), [None]) is None  # plain SGD keeps no buffer
+
+
 def _both(tmp_path, *overrides: str):
     return [
         run_experiment(make_config(*TINY, *overrides, f"runtime.vectorize={vec}"), tmp_path / vec)
@@ -133,8 +194,26 @@ def test_vectorized_run_after_one_step_matches_plain(data_root, tmp_path):
         # the stateless client steps act on lock-step clients' updates as on plain ones (same wire bytes)
         ["postprocess=[clip,topk,quantize]", "clip.bound=2", "topk.fraction=0.1"]
         + ["topk.error_feedback=false"],
+        # stateful clients in lock-step: control variates, momentum, error-feedback residuals carried over
+        ["algorithm=scaffold", "clients.per_round=6"],
+        ["optim.momentum=0.9", "optim.persistent_state=true", "clients.per_round=6"],
+        ["postprocess=[topk]", "topk.fraction=0.1", "clients.per_round=6"],
+        # DP: clipped and noised updates (the noise is seeded by round and client, whoever trains them)
+        ["postprocess=[clip,central_dp]", "clip.bound=2", "privacy.noise_multiplier=0.005"]
+        + ["algorithm.weighting=uniform"],
+        ["postprocess=[clip,local_dp]", "clip.bound=2", "local_dp.multiplier=0.002"],
     ],
-    ids=["cnn", "mlp-momentum", "uneven", "postprocess"],
+    ids=[
+        "cnn",
+        "mlp-momentum",
+        "uneven",
+        "postprocess",
+        "scaffold",
+        "persistent",
+        "error-feedback",
+        "central-dp",
+    ]
+    + ["local-dp"],
 )
 def test_vectorized_runs_see_what_plain_runs_see(data_root, tmp_path, overrides):
     """Claim 3: over three rounds, the same cohorts, steps and samples, and accuracy within a point."""
@@ -143,6 +222,34 @@ def test_vectorized_runs_see_what_plain_runs_see(data_root, tmp_path, overrides)
         assert (a["clients"], a.get("bytes_up")) == (b["clients"], b.get("bytes_up"))
     assert abs(plain.final_accuracy - vec.final_accuracy) <= 0.01
     assert plain.final_accuracy > 0.5  # it learned
+
+
+#: Stateful clients: what a client keeps between rounds, and a run that keeps none (to show it mattered)
+STATEFUL = {
+    "scaffold": (["algorithm=scaffold"], ["algorithm=fedavg", "algorithm.weighting=uniform"]),
+    "persistent-momentum": (
+        ["optim.momentum=0.9", "optim.persistent_state=true"],
+        ["optim.momentum=0.9", "optim.persistent_state=false"],
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(STATEFUL))
+def test_stateful_lockstep_clients_carry_their_state_like_plain_ones(data_root, tmp_path, name):
+    """Two rounds of two local steps, every client in both: round 2 trains from the control variates or
+    momentum that round 1 left, on both paths. Each local step adds at most one claim-2 difference (1e-3 of
+    a step, measured ~1e-6) and carries the earlier ones on through one more SGD step, so four times the
+    bound holds on every CPU; the stateless run is further away than that (the state mattered). (With one
+    local step and the whole population in the cohort SCAFFOLD's corrections cancel in the mean.)"""
+    with_state, without = STATEFUL[name]
+    overrides = ("runtime=sequential", "train.rounds=2", "train.local_steps=2", "clients.per_round=8")
+    plain, vec = _both(tmp_path, *overrides, *with_state)
+    stateless = run_experiment(make_config(*TINY, *overrides, *without), tmp_path / "stateless")
+    cfg = make_config(*TINY, *overrides)
+    start = initial_weights("mlp", load_data(cfg), int(cfg.seed))
+    step = np.abs(plain.weights - start).max()
+    assert np.abs(plain.weights - vec.weights).max() <= 4 * ONE_STEP_RELATIVE * step
+    assert np.abs(plain.weights - stateless.weights).max() > 10 * ONE_STEP_RELATIVE * step
 
 
 # Vectorized clients inside Ray actors: tests/runtime/test_runtimes.py (on that module's shared actors).
@@ -173,7 +280,7 @@ def test_a_client_without_batches_at_a_step_is_left_alone():
     "overrides, message",
     [
         (["optim.name=adam"], "optim.name=sgd"),
-        (["optim.persistent_state=true"], "per-client state"),
+        (["algorithm=ditto"], "no lock-step client half"),
         (["faults.drop_prob=0.1"], "lock-step"),
     ],
 )
