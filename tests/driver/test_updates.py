@@ -66,10 +66,6 @@ BAD = [
     ([*B, "attack.kind=bitflip", "attack.fraction=0.2"], "attack.kind=bitflip must be one of"),
     ([*B, "attack.fraction=1", "attack.kind=scaled"], "attack.fraction=1 must be in [0, 1)"),
     ([*B, "clients.selection=lottery"], "clients.selection=lottery must be one of random, fixed, poisson"),
-    (
-        [*B, "runtime.vectorize=true", "postprocess=[topk]"],
-        "runtime.vectorize=true: topk.error_feedback=true keeps per-client state",
-    ),
 ]
 
 
