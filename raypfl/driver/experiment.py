@@ -256,7 +256,9 @@ def run_experiment(
                 plan = virtual.schedule(plan)
             evaluate = round_idx % train.eval_every == 0 or round_idx == train.rounds
             # the previous round settles (evaluation in, row logged) once this round's clients are training
+            previous = pending
             pending = start_round(runtime, plan, evaluate, broadcast_bytes, on_submitted=settle)
+            pending.follow(previous)
             if virtual is not None:
                 pending.columns = virtual.finish(plan, pending.result)
             discard_without_quorum(pending.result)
@@ -389,6 +391,14 @@ class PendingRound:
     broadcast_bytes: int
     client_eval: list[dict] = field(default_factory=list)  # per-client evaluation rows (if due)
     columns: dict = field(default_factory=dict)  # more metrics-row columns (the virtual clock's)
+    done: float | None = None  # time.perf_counter() when its evaluation (or training) was done
+
+    def follow(self, previous: PendingRound | None) -> None:
+        """This round was submitted while `previous`'s evaluation ran on the same workers (Ray queues it
+        before this round's training): its time starts when that evaluation was done, so that no second
+        of the run is counted in two rounds' rows (nor the previous evaluation as this round's comm_s)."""
+        if previous is not None and previous.done is not None:
+            self.started = min(max(self.started, previous.done), self.trained)
 
     def checkpoint_state(self) -> tuple[ServerSnapshot | None, dict | None]:
         """(the version this round made, if the runtime may be past it; an asynchronous stream's state)."""
@@ -412,6 +422,7 @@ class PendingRound:
         evaluation = self.evaluation() if self.evaluation is not None else None
         now = time.perf_counter()
         done = evaluation.finished if evaluation is not None and evaluation.finished is not None else now
+        self.done = max(done, self.trained)
         return round_row(self, evaluation, done), self.result, time.time() - (now - done)
 
 

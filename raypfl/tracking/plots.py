@@ -13,7 +13,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 TIME_PARTS = [
     ("compute_s", "client compute"),
-    ("comm_s", "communication + scheduling"),
+    ("comm_s", "communication + waiting"),
     ("aggregate_s", "aggregation"),
     ("eval_s", "evaluation"),
 ]

@@ -35,6 +35,8 @@ def test_fedavg_on_ray_leaves_its_outputs(tmp_path, data_root, ray_address):
     assert all(int(r["clients"]) == 4 for r in rows)
     walls = [float(r["wall_s"]) for r in rows]
     assert walls == sorted(walls) and walls[0] > float(rows[0]["round_s"]) > 0  # wall counts start-up too
+    for before, row in zip(rows, rows[1:]):  # no second counted twice: a round starts after the last ended
+        assert float(row["round_s"]) <= float(row["wall_s"]) - float(before["wall_s"]) + 0.02
     assert float(rows[-1]["test_acc"]) > 0.75
     with (tmp_path / "clients.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 12  # 3 rounds x 4 clients
@@ -72,3 +74,21 @@ def test_centralized_baseline_runs_and_learns(tmp_path, data_root):
         client_rows = list(csv.DictReader(f))
     assert [int(r["samples"]) for r in client_rows] == [3000, 3000]  # all the training data, every epoch
     assert (tmp_path / "model.pt").exists() and (tmp_path / "metrics.png").exists()
+
+
+def test_a_round_submitted_during_the_last_evaluation_starts_when_it_is_done():
+    """Ray queues round r's evaluation before round r+1's training: r+1's time starts at that evaluation's
+    end, never before (its comm_s would count the evaluation again) nor after its own training."""
+    from raypfl.driver.experiment import PendingRound
+
+    previous = PendingRound(None, None, started=0.0, trained=5.0, evaluation=None, broadcast_bytes=0)
+    previous.done = 7.0
+    during = PendingRound(None, None, started=5.1, trained=11.0, evaluation=None, broadcast_bytes=0)
+    during.follow(previous)
+    assert during.started == 7.0
+    after = PendingRound(None, None, started=8.0, trained=12.0, evaluation=None, broadcast_bytes=0)
+    after.follow(previous)  # sequential: the evaluation was done before the round began
+    assert after.started == 8.0
+    first = PendingRound(None, None, started=1.0, trained=2.0, evaluation=None, broadcast_bytes=0)
+    first.follow(None)
+    assert first.started == 1.0
