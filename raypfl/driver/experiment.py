@@ -254,7 +254,7 @@ def run_experiment(
             plan = planner.plan(round_idx)
             if virtual is not None:  # who answers in time, decided on virtual time before the round
                 plan = virtual.schedule(plan)
-            evaluate = round_idx % train.eval_every == 0 or round_idx == train.rounds
+            evaluate = plan.evaluate = round_idx % train.eval_every == 0 or round_idx == train.rounds
             # the previous round settles (evaluation in, row logged) once this round's clients are training
             previous = pending
             pending = start_round(runtime, plan, evaluate, broadcast_bytes, on_submitted=settle)

@@ -28,6 +28,8 @@ class RoundPlan:
     # clock decides who answers in time before the round starts and sets it (raypfl.driver.virtual)
     need: int | None = None
     late: list[int] = field(default_factory=list)  # selected, but late on the virtual clock: not trained
+    # the round's new global model is evaluated after it (a runtime may queue that behind the training)
+    evaluate: bool = False
 
 
 @dataclass

@@ -121,6 +121,7 @@ class RayRuntime:
         self._state_refs: dict[int, object] = {}  # version -> ObjectRef of its server state (if it has one)
         self._ready_refs: list = []
         self._previous: tuple[int, object] | None = None  # the current version while the next is pulled
+        self._queued_evaluation: tuple[int, tuple] | None = None  # (version, its evaluation's calls)
         self.placement: list[dict] = []
         self._actor_cls = None  # ClientActor with this run's options: new actors replace dead ones
         self.recovery: ActorRecovery | None = None
@@ -297,6 +298,8 @@ class RayRuntime:
         # once the summary is in, so are the next version's weights (they outlive the server)
         self._previous = (version, weights_ref)
         self._weights = (version + 1, self.queue_next(version))
+        if plan.evaluate:  # behind each actor's training, on the new version: no round trip via the driver
+            self._queued_evaluation = (version + 1, self._start_evaluation(self._weights[1]))
         summary_ref = self.server.round_summary.remote()
         notify(on_submitted)
         try:
@@ -337,9 +340,11 @@ class RayRuntime:
             done = self.tolerant.evaluate(self.current_ref())
             return lambda: done
         version, weights_ref = self.version, self.current_ref()
-        ranges = split_range(len(self.setup.dataset.test_y), len(self.actors))
-        handles = self.actors[: len(ranges)]
-        parts = [actor.evaluate.remote(weights_ref, a, b) for actor, (a, b) in zip(handles, ranges)]
+        queued, self._queued_evaluation = self._queued_evaluation, None
+        # queued by run_round (plan.evaluate) right behind the training, else started now
+        ranges, handles, parts = (
+            queued[1] if queued and queued[0] == version else self._start_evaluation(weights_ref)
+        )
 
         def collect() -> Evaluation:
             try:
@@ -348,6 +353,16 @@ class RayRuntime:
                 return self.recovery.finish_evaluation(version, weights_ref, ranges, parts, handles)
 
         return collect
+
+    def _start_evaluation(self, weights_ref) -> tuple[list[tuple[int, int]], list, list]:
+        """The test set split evenly over the actors, each part called: (ranges, actors, refs)."""
+        ranges = split_range(len(self.setup.dataset.test_y), len(self.actors))
+        handles = self.actors[: len(ranges)]
+        return (
+            ranges,
+            handles,
+            [actor.evaluate.remote(weights_ref, a, b) for actor, (a, b) in zip(handles, ranges)],
+        )
 
     def evaluate(self) -> Evaluation:
         return self.evaluate_async()()
@@ -393,6 +408,7 @@ class RayRuntime:
             ray.kill(self.server)
         self.actors, self.server, self._weights, self.tolerant = [], None, None, None
         self._previous = self._setup_ref = self.recovery = self._driver_worker = None
+        self._queued_evaluation = None
         self._state_refs = {}
         if self.started_ray:
             ray.shutdown()

@@ -96,6 +96,16 @@ def test_actors_return_one_partial_and_client_states(ray_session, kept, data_roo
         assert sorted(result.client_states) == [0, 1, 2, 3]
         momentum = result.client_states[0]["state"][0]["momentum_buffer"]
         assert not torch.equal(momentum, states[0]["state"][0]["momentum_buffer"])
+        # plan.evaluate: the evaluation of the round's new version is queued behind the training, on every
+        # actor, and evaluate_async takes it (no round trip via the driver); it equals a fresh one
+        runtime.run_round(RoundPlan(3, [1, 3, 5, 7], evaluate=True))
+        queued_version, (_, _, parts) = runtime._queued_evaluation
+        assert queued_version == runtime.version == 2 and len(parts) == 2
+        queued = runtime.evaluate_async()()
+        assert runtime._queued_evaluation is None
+        assert (queued.loss, queued.accuracy) == pytest.approx(
+            (runtime.evaluate().loss, runtime.evaluate().accuracy)
+        )
     finally:
         runtime.close()
 
