@@ -45,6 +45,7 @@ class RoundResult:
     server_metrics: dict[str, float] = field(
         default_factory=dict
     )  # the server's finalizer (e.g. dp_noise_std)
+    server_bytes_in: int = 0  # bytes of the partials pushed to the parameter server this round
 
     @classmethod
     def from_workers(
@@ -67,6 +68,7 @@ class RoundResult:
             summary.get("quorum_met", True),
             states or {},
             dict(summary.get("server_metrics") or {}),
+            int(summary.get("bytes_in") or 0),
         )
 
     def count(self, status: str) -> int:

@@ -1,0 +1,147 @@
+"""Per-node pre-aggregation (`runtime.node_aggregation`, issue 18 item 5): which shares are summed on their
+node, the server's inbound bytes, and a run with node sums equal to one without (to float64 rounding)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from raypfl.algorithms.aggregate import MODEL, Aggregate, ClientUpdate, Stacked
+from raypfl.config import RuntimeSpec
+from raypfl.driver.experiment import run_experiment
+from raypfl.runtime.node_aggregation import node_groups, sum_partials
+from raypfl.runtime.parameter_server import ParameterServer
+from raypfl.runtime.ray_runtime import RayRuntime
+from raypfl.runtime.recovery import Share
+from tests.conftest import TINY, make_config
+from tests.runtime.kept_actors import use_kept
+
+D = 40
+
+#: The bound of a run with node sums vs one without, as tests/runtime/test_runtimes.py's CROSS_RUNTIME and
+#: for the same reason: every client's float32 update is the same bits (same actor, kernels, seeds); only the
+#: float64 sum of the partials is grouped differently ((a+b)+(c+d) vs ((a+b)+c)+d). IEEE 754 double addition
+#: is correctly rounded on every x86-64 CPU (Intel and AMD alike: SSE2, no x87), so each grouping errs by
+#: at most (pushes-1) * 2^-53 * sum|terms| ~ 1e-16 relative, which moves a float32 weight (rounded from the
+#: float64 mean) by at most one float32 ulp, and only when the sum lands that close to a rounding boundary.
+#: Three rounds of training on top of one-ulp differences stay far below 1e-5; measured: 0.0.
+NODE_SUM_BOUND = 1e-5
+
+
+def test_auto_sums_the_nodes_with_two_busy_actors_except_the_servers():
+    nodes = ["a", "b", "a", "s", "c", "s", "b", "a"]
+    assert node_groups(nodes, "s", "auto") == [[0, 2, 7], [1, 6], [3], [4], [5]]
+    assert node_groups(nodes, "s", "always") == [[0, 2, 7], [1, 6], [3, 5], [4]]
+    assert node_groups(nodes, "s", "never") == [[k] for k in range(8)]
+
+
+def test_unknown_nodes_and_lone_actors_push_on_their_own():
+    assert node_groups([None, None, "a"], "s", "always") == [[0], [1], [2]]
+    assert node_groups(["a"], None, "auto") == [[0]]
+    assert node_groups([], "s", "auto") == []
+    with pytest.raises(ValueError, match="node_aggregation"):
+        node_groups(["a"], "s", "on")
+
+
+def fake_runtime(mode: str, stacks: bool, nodes: list[str], server: str = "s") -> RayRuntime:
+    runtime = RayRuntime(RuntimeSpec(node_aggregation=mode))
+    runtime.setup = SimpleNamespace(stacks=stacks)
+    runtime.placement = [{"actor": k, "node_id": node} for k, node in enumerate(nodes)]
+    runtime.server_location = {"node_id": server}
+    return runtime
+
+
+def shares_of(actors: list[int]) -> list[Share]:
+    return [Share(slot, actor, None, [actor]) for slot, actor in enumerate(actors)]
+
+
+def test_the_runtime_groups_busy_actors_by_their_placement():
+    runtime = fake_runtime("auto", False, ["a", "a", "s", "s", "b", "a"])
+    groups = runtime.push_groups(shares_of([0, 2, 3, 4, 5]))  # actor 1 idle this round
+    assert [[share.actor for share in group] for group in groups] == [[0, 5], [2], [3], [4]]
+
+
+@pytest.mark.parametrize("mode", ["auto", "always"])
+def test_stacked_updates_are_never_summed_on_a_node(mode):
+    """A robust aggregator needs every client's update: its stacks go to the server one per actor."""
+    runtime = fake_runtime(mode, True, ["a", "a", "a", "a"])
+    groups = runtime.push_groups(shares_of([0, 1, 2, 3]))
+    assert [[share.actor for share in group] for group in groups] == [[0], [1], [2], [3]]
+
+
+def partials(groups: list[list[int]], stacked: bool = False) -> list[Aggregate]:
+    rng = np.random.default_rng(1)
+    updates = [
+        ClientUpdate(c, {MODEL: rng.normal(size=D).astype(np.float32)}, {MODEL: float(c + 1)})
+        for c in range(7)
+    ]
+    parts = []
+    for group in groups:
+        part = Stacked() if stacked else Aggregate()
+        for c in group:
+            part.add(updates[c])
+        parts.append(part)
+    return parts
+
+
+def server() -> ParameterServer:
+    step = lambda broadcast, state, agg: ({MODEL: agg.mean(MODEL).astype(np.float32)}, state)  # noqa: E731
+    return ParameterServer({MODEL: np.zeros(D, np.float32)}, step)
+
+
+def test_a_node_sum_is_one_push_of_one_partials_bytes_and_the_same_mean_to_rounding():
+    parts = partials([[0, 1], [2, 3, 4], [5], [6]])
+    plain, summed = server(), server()
+    plain.expect(0, 4)
+    for slot, part in enumerate(parts):
+        plain.push(0, part, slot)
+    summed.expect(0, 2)
+    summed.push(0, sum_partials(parts[0], parts[1]), 0)
+    summed.push(0, sum_partials(parts[2], parts[3]), 1)
+    for ps, pushes in ((plain, 4), (summed, 2)):
+        summary = ps.round_summary()
+        assert (summary["pushes_in"], summary["bytes_in"]) == (pushes, pushes * D * 8)  # float64 sums
+        assert sorted(summary["clients"]) == list(range(7))
+        assert summary["weights"] == {MODEL: 28.0}  # integer weights: summed exactly in any order
+    np.testing.assert_array_max_ulp(plain.pull(1)[MODEL], summed.pull(1)[MODEL], maxulp=1)
+
+
+def test_reopen_starts_an_open_round_over_and_leaves_a_closed_one():
+    ps = server()
+    ps.expect(0, 2)
+    ps.push(0, sum_partials(*partials([[0, 1], [2]])), 0)
+    assert ps.reopen(0, 3)  # the node sum is dropped: three single pushes now
+    for slot, part in enumerate(partials([[0], [1], [2]])):
+        ps.push(0, part, slot)
+    assert (ps.latest, sorted(ps.round_summary()["clients"])) == (1, [0, 1, 2])
+    assert ps.round_summary()["pushes_in"] == 3
+    assert not ps.reopen(0, 3)
+
+
+def test_a_run_with_node_sums_equals_one_without(ray_session, kept, monkeypatch, tmp_path):
+    """Two actors on the session's one node: `always` sums them into one push, `never` pushes two; the
+    server receives half the bytes, the clients train the same, the model is the same to NODE_SUM_BOUND."""
+    use_kept(monkeypatch, kept)
+    runs = {}
+    for mode in ("never", "always", "auto"):
+        cfg = make_config(
+            *TINY,
+            "runtime=ray",
+            "runtime.num_actors=2",
+            "runtime.cpus_per_actor=0.5",
+            "runtime.warm_start=false",
+            f"runtime.node_aggregation={mode}",
+        )
+        runs[mode] = run_experiment(cfg, tmp_path / mode)
+    model_bytes = runs["never"].weights.size * 8  # one float64 partial
+    assert [r["server_bytes_in"] for r in runs["never"].rounds] == [2 * model_bytes] * 3
+    assert [r["server_bytes_in"] for r in runs["always"].rounds] == [model_bytes] * 3
+    assert [r["server_bytes_in"] for r in runs["auto"].rounds] == [2 * model_bytes] * 3  # the server's node
+    diff = np.abs(runs["always"].weights - runs["never"].weights).max()
+    assert diff <= NODE_SUM_BOUND, f"max abs difference {diff}"
+    assert runs["always"].rounds[0]["train_loss"] == runs["never"].rounds[0]["train_loss"]
+    for a, b in zip(runs["always"].rounds, runs["never"].rounds):
+        assert (a["clients"], a["bytes_up"]) == (b["clients"], b["bytes_up"])
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
