@@ -22,7 +22,7 @@ import numpy as np
 import ray
 import torch
 
-from raypfl.algorithms.aggregate import MODEL, Arrays
+from raypfl.algorithms.aggregate import MODEL, Aggregate, Arrays
 from raypfl.algorithms.base import ServerSnapshot
 from raypfl.config import RuntimeSpec
 from raypfl.errors import ConfigError
@@ -35,7 +35,7 @@ from raypfl.runtime.base import (
     quorum_for,
     round_trip,
 )
-from raypfl.runtime.node_aggregation import node_groups, node_sum
+from raypfl.runtime.node_aggregation import node_groups, sum_partials
 from raypfl.runtime.parameter_server import ParameterServer
 from raypfl.runtime.placement import actor_location, describe, node_labels, scheduling_options
 from raypfl.runtime.ray_start import start_ray
@@ -94,6 +94,10 @@ class ClientActor(ClientWorker):
     @ray.method(concurrency_group="control")
     def cancel_round(self, round_idx: int) -> None:
         ClientWorker.cancel_round(self, round_idx)
+
+    def sum_partials(self, *partials: Aggregate) -> Aggregate:
+        """The sum of partials of this node's actors, this one's first (`runtime.node_aggregation`)."""
+        return sum_partials(*partials)
 
     @ray.method(concurrency_group="control")
     def location(self) -> dict:
@@ -333,11 +337,12 @@ class RayRuntime:
         return [[shares[i] for i in group] for group in grouping]
 
     def push(self, version: int, groups: list[list[Share]]) -> None:
-        """One push per group, in group order (its slot): a lone share's partial, or a node's sum."""
+        """One push per group, in group order (its slot): a lone share's partial, or a node's sum (by the
+        group's first actor, after its own training call)."""
         for slot, group in enumerate(groups):
             partial = group[0].partial_ref
             if len(group) > 1:
-                partial = node_sum(self.node_of(group[0].actor), [share.partial_ref for share in group])
+                partial = group[0].handle.sum_partials.remote(*[share.partial_ref for share in group])
             push_ref = self.server.push.remote(version, partial, slot)
             for share in group:
                 share.push_ref = push_ref

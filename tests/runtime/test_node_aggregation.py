@@ -3,6 +3,9 @@ node, the server's inbound bytes, and a run with node sums equal to one without 
 
 from __future__ import annotations
 
+import csv
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,7 +18,7 @@ from raypfl.runtime.node_aggregation import node_groups, sum_partials
 from raypfl.runtime.parameter_server import ParameterServer
 from raypfl.runtime.ray_runtime import RayRuntime
 from raypfl.runtime.recovery import Share
-from tests.conftest import TINY, make_config
+from tests.conftest import REPO, TINY, make_config
 from tests.runtime.kept_actors import use_kept
 
 D = 40
@@ -145,3 +148,25 @@ def test_a_run_with_node_sums_equals_one_without(ray_session, kept, monkeypatch,
     for a, b in zip(runs["always"].rounds, runs["never"].rounds):
         assert (a["clients"], a["bytes_up"]) == (b["clients"], b["bytes_up"])
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
+
+
+SCRIPT = REPO / "benchmarks" / "node_aggregation.py"
+
+
+@pytest.mark.slow
+def test_on_a_multi_node_cluster_auto_pushes_once_per_node_but_the_servers(tmp_path, data_root):
+    """2 worker nodes x 2 actors (benchmarks/node_aggregation.py in a subprocess: the session's Ray owns
+    this process's `ray.init`): `never` pushes 4 partials, `always` 2, `auto` 2 (server on the head) or 3
+    (server on a worker node: its two actors push their own); the same model to NODE_SUM_BOUND."""
+    table = tmp_path / "na.csv"
+    command = [sys.executable, str(SCRIPT), "--nodes", "2", "--rounds", "2", "--no-report"]
+    command += ["--csv", str(table), "--out", str(tmp_path / "runs")]
+    subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True, timeout=600)
+    with open(table) as f:
+        rows = {row["mode"]: row for row in csv.DictReader(f)}
+    pushes = {mode: int(row["pushes"]) for mode, row in rows.items()}
+    auto = 3 if rows["auto"]["server_node"] == "a worker's" else 2
+    assert pushes == {"never": 4, "auto": auto, "always": 2}
+    per_push = int(rows["never"]["server_bytes_in"]) // 4
+    assert all(int(row["server_bytes_in"]) == pushes[mode] * per_push for mode, row in rows.items())
+    assert all(float(row["max_abs_diff"]) <= NODE_SUM_BOUND for row in rows.values())
