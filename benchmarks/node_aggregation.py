@@ -13,7 +13,7 @@ their own) and `always` (one push per worker node). It reports the server's inbo
 how far apart the two final models are. Results: benchmarks/results/node_aggregation.{md,csv}.
 
 Every node of this cluster is on one machine: a push moves through shared memory and the loopback, not a
-NIC, so the seconds here show the overhead of the extra task, not the network time saved (the README's
+NIC, so the seconds here show the overhead of the node sums, not the network time saved (the README's
 model of a 100-node cluster does that).
 """
 
@@ -151,7 +151,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     lines += [
         "",
         "All nodes are on one machine: pushes go through shared memory, so the seconds show the cost of "
-        "the node-sum task, not network time saved (see the README's 100-node model).",
+        "the node sums, not network time saved (see the README's 100-node model).",
     ]
     return "\n".join(lines) + "\n"
 

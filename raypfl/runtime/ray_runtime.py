@@ -361,6 +361,7 @@ class RayRuntime:
                 return
         except LOST:
             return
+        log.warning("round on version %d lost a node sum: its partials are pushed one by one", version)
         for share in shares:
             share.push_ref = None  # trained again by recovery
             if failure(share.metrics_ref) is None:

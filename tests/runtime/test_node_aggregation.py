@@ -14,7 +14,7 @@ import pytest
 from raypfl.algorithms.aggregate import MODEL, Aggregate, ClientUpdate, Stacked
 from raypfl.config import RuntimeSpec
 from raypfl.driver.experiment import run_experiment
-from raypfl.runtime.node_aggregation import node_groups, sum_partials
+from raypfl.runtime.node_aggregation import MODES, node_groups, sum_partials
 from raypfl.runtime.parameter_server import ParameterServer
 from raypfl.runtime.ray_runtime import RayRuntime
 from raypfl.runtime.recovery import Share
@@ -123,21 +123,29 @@ def test_reopen_starts_an_open_round_over_and_leaves_a_closed_one():
     assert not ps.reopen(0, 3)
 
 
-def test_a_run_with_node_sums_equals_one_without(ray_session, kept, monkeypatch, tmp_path):
+def ray_config(mode: str):
+    """TINY on two kept actors of half a CPU each (the session's Ray has 2), every round on the actors."""
+    return make_config(
+        *TINY,
+        "runtime=ray",
+        "runtime.num_actors=2",
+        "runtime.cpus_per_actor=0.5",
+        "runtime.warm_start=false",
+        f"runtime.node_aggregation={mode}",
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(ray_session, kept, tmp_path_factory):
+    """One undisturbed run per mode, on the module's kept actors."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        use_kept(monkeypatch, kept)
+        return {mode: run_experiment(ray_config(mode), tmp_path_factory.mktemp(mode)) for mode in MODES}
+
+
+def test_a_run_with_node_sums_equals_one_without(runs):
     """Two actors on the session's one node: `always` sums them into one push, `never` pushes two; the
     server receives half the bytes, the clients train the same, the model is the same to NODE_SUM_BOUND."""
-    use_kept(monkeypatch, kept)
-    runs = {}
-    for mode in ("never", "always", "auto"):
-        cfg = make_config(
-            *TINY,
-            "runtime=ray",
-            "runtime.num_actors=2",
-            "runtime.cpus_per_actor=0.5",
-            "runtime.warm_start=false",
-            f"runtime.node_aggregation={mode}",
-        )
-        runs[mode] = run_experiment(cfg, tmp_path / mode)
     model_bytes = runs["never"].weights.size * 8  # one float64 partial
     assert [r["server_bytes_in"] for r in runs["never"].rounds] == [2 * model_bytes] * 3
     assert [r["server_bytes_in"] for r in runs["always"].rounds] == [model_bytes] * 3
@@ -148,6 +156,27 @@ def test_a_run_with_node_sums_equals_one_without(ray_session, kept, monkeypatch,
     for a, b in zip(runs["always"].rounds, runs["never"].rounds):
         assert (a["clients"], a["bytes_up"]) == (b["clients"], b["bytes_up"])
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
+
+
+@pytest.mark.parametrize("victim", [0, 1])  # the actor that sums the node, and the other one
+def test_an_actor_killed_in_a_round_with_a_node_sum_is_recovered(
+    runs, kept, monkeypatch, tmp_path, caplog, victim
+):
+    """SIGKILL a client actor while round 2's node sum is on its way: the server starts round 2 over, the
+    lost share is trained again and every share is pushed on its own (only that round: the next ones sum
+    on the node again); the model is the undisturbed one's to NODE_SUM_BOUND."""
+    from tests.runtime.test_actor_death import sigkill_during
+
+    use_kept(monkeypatch, kept)
+    killed = sigkill_during(monkeypatch, 2, victim)
+    with caplog.at_level("WARNING"):
+        hit = run_experiment(ray_config("always"), tmp_path)
+    assert killed and "lost a node sum: its partials are pushed one by one" in caplog.text
+    reference = runs["always"]
+    model_bytes = reference.weights.size * 8
+    assert [r["server_bytes_in"] for r in hit.rounds] == [model_bytes, 2 * model_bytes, model_bytes]
+    assert [r["clients"] for r in hit.rounds] == [r["clients"] for r in reference.rounds]
+    assert np.abs(hit.weights - reference.weights).max() <= NODE_SUM_BOUND
 
 
 SCRIPT = REPO / "benchmarks" / "node_aggregation.py"
