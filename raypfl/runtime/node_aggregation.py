@@ -4,12 +4,12 @@ Without it every busy client actor pushes its partial sum to the one parameter-s
 receives (busy actors) x (model bytes) per round. With it, the partials of the busy actors on one node are
 summed on that node by the first of them (`ClientActor.sum_partials`: the others' partials are read from the
 node's own object store), and ONE partial per node goes to the server: it receives (nodes) x (model bytes).
-An actor, not a Ray task, does the sum: a task needs a worker process on the node, and Ray kills idle
-workers beyond a node's CPU count within a second, so each round would start a Python process per node
-(measured: 5-9 s a round on the local 4-node cluster, against 0.4 s without node sums).
+An actor, not a Ray task, does the sum: a `num_cpus=0` task pinned to the node took 5-9 s a round on the
+local 4-node cluster (0.4 s without node sums), most likely a new Python worker per node each round (Ray
+ends idle workers beyond a node's CPU count after about a second).
 
 - `auto` (the default): every node with >= 2 busy actors, except the parameter server's own node (its
-  actors' partials do not cross the network; an extra task there would only add a hop).
+  actors' partials do not cross the network; a sum there would only add a hop).
 - `always`: every node with >= 2 busy actors, the server's too (one node: one push a round).
 - `never`: one push per busy actor.
 
@@ -26,8 +26,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from raypfl.algorithms.aggregate import Aggregate
-
-MODES = ("auto", "always", "never")
+from raypfl.config.specs import NODE_AGGREGATION as MODES
 
 
 def node_groups(nodes: Sequence[str | None], server_node: str | None, mode: str) -> list[list[int]]:

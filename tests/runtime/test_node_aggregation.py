@@ -48,6 +48,15 @@ def test_unknown_nodes_and_lone_actors_push_on_their_own():
         node_groups(["a"], "s", "on")
 
 
+def test_the_knob_is_checked_with_the_config():
+    from raypfl.errors import ConfigError
+    from raypfl.validation import validate
+
+    validate(make_config("runtime.node_aggregation=never"))
+    with pytest.raises(ConfigError, match="node_aggregation=on must be one of auto, always, never"):
+        validate(make_config("runtime.node_aggregation=on"))
+
+
 def fake_runtime(mode: str, stacks: bool, nodes: list[str], server: str = "s") -> RayRuntime:
     runtime = RayRuntime(RuntimeSpec(node_aggregation=mode))
     runtime.setup = SimpleNamespace(stacks=stacks)
