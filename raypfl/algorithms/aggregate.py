@@ -92,6 +92,11 @@ class Aggregate:
         return Aggregate(totals, dict(self.weights), list(self.clients), list(self.rejected))
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of the weighted sums (what a worker pushes to the server)."""
+        return sum(int(v.nbytes) for v in self.totals.values())
+
+    @property
     def has_weight(self) -> bool:
         """True if some statistic was summed with a positive total weight."""
         return any(w > 0 for w in self.weights.values())

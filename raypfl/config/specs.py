@@ -22,6 +22,8 @@ LOGGERS = ("none", "wandb")
 WANDB_MODES = ("online", "offline", "disabled")
 RUNTIMES = ("ray", "sequential", "mpi")
 MPI_MODES = ("server", "allgather")
+#: runtime.node_aggregation: sum a node's partials before the push (raypfl.runtime.node_aggregation)
+NODE_AGGREGATION = ("auto", "always", "never")
 SPEEDS = ("uniform", "lognormal")
 BALANCE_RULES = ("none", "aimd", "steps")
 NO_QUORUM_ACTIONS = ("fail", "skip")
@@ -180,6 +182,9 @@ class RuntimeSpec:
     warm_start: bool = True  # ray: the driver trains the first rounds while the actor pool boots
     vectorize: bool = False  # train a worker's clients together in lock-step (torch.func.vmap)
     placement: str = "pack"  # ray: pack (fill a node first) | spread (actors over the cluster's nodes)
+    # ray: auto (sum the partials of a node's busy actors into one push, except on the server's node) |
+    # always (every node, the server's too) | never (one push per busy actor)
+    node_aggregation: str = knob("auto", choices=NODE_AGGREGATION)
     # ray: Ray's runtime_env for this run's workers, e.g. {working_dir: .} ships your code to a cluster
     runtime_env: dict[str, Any] | None = knob(None, expect="a mapping (Ray's runtime_env)", null="none")
 

@@ -552,6 +552,7 @@ def round_row(pending: PendingRound, evaluation: Evaluation | None, done: float)
             int(m.get("bytes_up") or 0) for m in result.client_metrics if m["status"] in ANSWERED
         ),
         "partial_work": plan.partial,
+        "server_bytes_in": result.server_bytes_in,  # pushed to the parameter server (node sums count once)
         **client_eval.summarize(pending.client_eval),
         **update_columns(accepted, result.client_metrics, result.server_metrics),
     }

@@ -47,6 +47,7 @@ class RoundResult:
     server_metrics: dict[str, float] = field(
         default_factory=dict
     )  # the server's finalizer (e.g. dp_noise_std)
+    server_bytes_in: int = 0  # bytes of the partials pushed to the parameter server this round
 
     @classmethod
     def from_workers(
@@ -69,6 +70,7 @@ class RoundResult:
             summary.get("quorum_met", True),
             states or {},
             dict(summary.get("server_metrics") or {}),
+            int(summary.get("bytes_in") or 0),
         )
 
     def count(self, status: str) -> int:

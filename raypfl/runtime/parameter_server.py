@@ -133,6 +133,10 @@ class ParameterServer(VersionedWeights):
         self.stale_pushes = 0
         self.aggregate_s = 0.0  # seconds spent merging and updating in the last completed round
         self._round_aggregate_s = 0.0
+        self.bytes_in = 0  # bytes of the partials pushed in the last completed round
+        self.pushes_in = 0  # and how many pushes they came in
+        self._round_bytes_in = 0
+        self._round_pushes_in = 0
 
     def expect(self, version: int, num_pushes: int, quorum: int = 0) -> None:
         """Open the round that builds on `version`: it closes after `num_pushes` pushes (or `close`).
@@ -144,6 +148,15 @@ class ParameterServer(VersionedWeights):
         self.rounds[version] = _OpenRound(num_pushes, quorum)
         if num_pushes <= 0:  # an empty cohort (clients.selection=poisson): nothing to wait for
             self._close(version, time.perf_counter())
+
+    def reopen(self, version: int, num_pushes: int, quorum: int = 0) -> bool:
+        """Start the open round on `version` over, expecting `num_pushes` (what arrived is dropped); False
+        if that round is not open (closed already). Recovery of a round whose node sums failed."""
+        if version not in self.rounds:
+            return False
+        self.rounds[version] = _OpenRound(num_pushes, quorum)
+        self._round_aggregate_s, self._round_bytes_in, self._round_pushes_in = 0.0, 0, 0
+        return True
 
     def push(self, version: int, update: Aggregate, slot: int | None = None, scale: float = 1.0) -> bool:
         """Add an update to the round building on `version`; returns True if it completed the round.
@@ -157,6 +170,8 @@ class ParameterServer(VersionedWeights):
             log.warning("discarded a push for version %d (latest is %d)", version, self.latest)
             return False
         start = time.perf_counter()
+        self._round_bytes_in += update.nbytes
+        self._round_pushes_in += 1
         if scale != 1.0:
             update = update.scaled(scale)
         open_round = self.rounds[version]
@@ -208,7 +223,8 @@ class ParameterServer(VersionedWeights):
             self._publish(current, state)
         self.last_aggregate = aggregate
         self.aggregate_s = self._round_aggregate_s + time.perf_counter() - start
-        self._round_aggregate_s = 0.0
+        self.bytes_in, self.pushes_in = self._round_bytes_in, self._round_pushes_in
+        self._round_aggregate_s, self._round_bytes_in, self._round_pushes_in = 0.0, 0, 0
 
     @staticmethod
     def _freeze(broadcast: Arrays) -> Arrays:
@@ -245,5 +261,7 @@ class ParameterServer(VersionedWeights):
             "aggregate_s": self.aggregate_s,
             "quorum_met": self.last_quorum_met,
             "stale_pushes": self.stale_pushes,
+            "bytes_in": self.bytes_in,  # the round's pushed partials (per-node sums count once)
+            "pushes_in": self.pushes_in,
             "server_metrics": dict(self.last_metrics),  # what the finalizer reported (e.g. dp_noise_std)
         }

@@ -22,7 +22,7 @@ import numpy as np
 import ray
 import torch
 
-from raypfl.algorithms.aggregate import MODEL, Arrays
+from raypfl.algorithms.aggregate import MODEL, Aggregate, Arrays
 from raypfl.algorithms.base import ServerSnapshot
 from raypfl.config import RuntimeSpec
 from raypfl.errors import ConfigError
@@ -35,10 +35,11 @@ from raypfl.runtime.base import (
     quorum_for,
     round_trip,
 )
+from raypfl.runtime.node_aggregation import node_groups, sum_partials
 from raypfl.runtime.parameter_server import ParameterServer
 from raypfl.runtime.placement import actor_location, describe, node_labels, scheduling_options
 from raypfl.runtime.ray_start import start_ray
-from raypfl.runtime.recovery import LOST, ActorRecovery, Share, collect_shares
+from raypfl.runtime.recovery import LOST, ActorRecovery, Share, collect_shares, failure
 from raypfl.runtime.scheduling import assign_cohort, split_range
 from raypfl.runtime.setup import FederationSetup
 from raypfl.runtime.worker import ClientWorker
@@ -94,6 +95,10 @@ class ClientActor(ClientWorker):
     def cancel_round(self, round_idx: int) -> None:
         ClientWorker.cancel_round(self, round_idx)
 
+    def sum_partials(self, *partials: Aggregate) -> Aggregate:
+        """The sum of partials of this node's actors, this one's first (`runtime.node_aggregation`)."""
+        return sum_partials(*partials)
+
     @ray.method(concurrency_group="control")
     def location(self) -> dict:
         """Where this actor runs: node id, node IP, pid, assigned GPU ids, and where its model lives."""
@@ -123,6 +128,7 @@ class RayRuntime:
         self._previous: tuple[int, object] | None = None  # the current version while the next is pulled
         self._queued_evaluation: tuple[int, tuple] | None = None  # (version, its evaluation's calls)
         self.placement: list[dict] = []
+        self.server_location: dict = {}
         self._actor_cls = None  # ClientActor with this run's options: new actors replace dead ones
         self.recovery: ActorRecovery | None = None
         self._driver_worker: ClientWorker | None = None  # per-client evaluation when actors cannot do it
@@ -289,10 +295,11 @@ class RayRuntime:
         busy = [(index, group) for index, group in enumerate(groups) if group]
         shares = [Share(slot, index, self.actors[index], group) for slot, (index, group) in enumerate(busy)]
         need = quorum_for(self.setup.faults, plan)
-        self.server.expect.remote(version, len(shares), need)
+        groups = self.push_groups(shares)
+        self.server.expect.remote(version, len(groups), need)
         for share in shares:
             self.train_share(share, weights_ref, plan)
-            share.push_ref = self.server.push.remote(version, share.partial_ref, share.slot)
+        self.push(version, groups)
         # the server runs its calls in order: the next version and the summary follow the pushes, so
         # the driver queues them now and waits once, instead of a round trip each. The pull goes first:
         # once the summary is in, so are the next version's weights (they outlive the server)
@@ -306,6 +313,8 @@ class RayRuntime:
             per_actor, states = collect_shares(shares, self.sticky)
             *_, summary = ray.get([*(share.push_ref for share in shares), summary_ref])
         except LOST:  # an actor died: replace it, train its share again (raypfl.runtime.recovery)
+            if len(groups) < len(shares):
+                self.ungroup(version, shares, need)
             per_actor, states, summary = self.recovery.finish_round(
                 plan, version, weights_ref, shares, need, summary_ref
             )
@@ -317,6 +326,49 @@ class RayRuntime:
                 row["attempts"] += share.retries
         self.version = version + 1
         return RoundResult.from_workers(self.version, per_actor, summary, states)
+
+    def node_of(self, actor: int) -> str | None:
+        """The node client actor `actor` was placed on (None if not known)."""
+        return self.placement[actor].get("node_id") if actor < len(self.placement) else None
+
+    def push_groups(self, shares: list[Share]) -> list[list[Share]]:
+        """The round's pushes: shares whose partials are summed on their node first go together
+        (`runtime.node_aggregation`, never with stacked updates); ordered as the shares' slots."""
+        mode = "never" if self.setup.stacks else self.spec.node_aggregation
+        nodes = [self.node_of(share.actor) for share in shares]
+        grouping = node_groups(nodes, self.server_location.get("node_id"), mode)
+        return [[shares[i] for i in group] for group in grouping]
+
+    def push(self, version: int, groups: list[list[Share]]) -> None:
+        """One push per group, in group order (its slot): a lone share's partial, or a node's sum (by the
+        group's first actor, after its own training call)."""
+        for slot, group in enumerate(groups):
+            partial = group[0].partial_ref
+            if len(group) > 1:
+                partial = group[0].handle.sum_partials.remote(*[share.partial_ref for share in group])
+            push_ref = self.server.push.remote(version, partial, slot)
+            for share in group:
+                share.push_ref = push_ref
+
+    def ungroup(self, version: int, shares: list[Share], need: int) -> None:
+        """A round with node sums lost something: the server starts it over expecting each share's own
+        partial (recovery works share by share); the partials of calls that ended well are pushed again.
+
+        A dead server is left to recovery (it pushes every share to the new one); a round that closed
+        anyway (every node sum arrived) is left as it is.
+        """
+        pending = dict.fromkeys([s.metrics_ref for s in shares] + [s.push_ref for s in shares])
+        ray.wait(list(pending), num_returns=len(pending))  # every call and push has ended
+        try:
+            if not ray.get(self.server.reopen.remote(version, len(shares), need)):
+                return
+        except LOST:
+            return
+        log.warning("round on version %d lost a node sum: its partials are pushed one by one", version)
+        for share in shares:
+            share.push_ref = None  # trained again by recovery
+            if failure(share.metrics_ref) is None:
+                share.push_ref = self.server.push.remote(version, share.partial_ref, share.slot)
 
     def train_share(self, share: Share, weights_ref, plan: RoundPlan) -> None:
         """Send `share`'s clients to its actor; the call's three result refs go into the share."""

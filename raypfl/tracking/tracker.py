@@ -37,6 +37,7 @@ METRIC_COLUMNS = [
     "bytes_down",
     "bytes_up",
     "partial_work",  # clients of the cohort doing partial work (clients.partial_work_fraction)
+    "server_bytes_in",  # bytes pushed into the parameter server (runtime.node_aggregation sums per node)
     # per-client evaluation (train.eval_clients_every): client accuracy of the global model and of the
     # personal models: mean, mean of the worst 10% of clients, standard deviation
     "client_acc_mean",
