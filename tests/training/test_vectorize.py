@@ -72,7 +72,10 @@ def _plain_and_lockstep(mnist, model_name, dtype, train, optim, sizes):
 
 
 PATHS = {
-    "cnn-vmap": ("tiny_cnn", OptimSpec(lr=0.1), [200, 200, 200]),
+    "cnn-vmap": ("tiny_cnn", OptimSpec(lr=0.1, weight_decay=0.001), [200, 200, 200]),
+    "cnn-stacked-sgd": ("tiny_cnn", OptimSpec(lr=0.1), [200, 200, 200]),
+    "cnn2fc-stacked-sgd": ("cnn", OptimSpec(lr=0.05), [100, 100]),
+    "uneven-masked-stacked": ("tiny_cnn", OptimSpec(lr=0.05), [40, 173, 300]),
     "mlp-vmap-momentum": ("mlp", OptimSpec(lr=0.1, momentum=0.9, weight_decay=0.001), [200, 200, 200]),
     "mlp-fused-sgd": ("mlp", OptimSpec(lr=0.1), [200, 200, 200]),
     "uneven-masked-vmap": ("tiny_cnn", OptimSpec(lr=0.05, momentum=0.9), [40, 173, 300]),
@@ -102,6 +105,59 @@ def test_lockstep_one_float32_step_is_within_the_reordering_bound(mnist, path):
     step = (plain - start).abs().max().item()
     assert step > 1e-4
     assert (plain - together).abs().max().item() <= ONE_STEP_RELATIVE * step
+
+
+@pytest.mark.parametrize(
+    "model_name, optim, taken",
+    [
+        ("tiny_cnn", OptimSpec(lr=0.1), "stacked_step"),
+        ("mlp", OptimSpec(lr=0.1), "_fused_linear_step"),
+        ("tiny_cnn", OptimSpec(lr=0.1, momentum=0.9), None),
+    ],
+)
+def test_each_path_is_taken_where_it_applies(mnist, monkeypatch, model_name, optim, taken):
+    """Plain SGD on a conv stack takes the stacked-conv step, on a Linear stack the fused one; else vmap."""
+    import raypfl.training.lockstep as lockstep
+
+    calls = {"stacked_step": 0, "_fused_linear_step": 0}
+    for name in calls:
+        real = getattr(lockstep, name)
+        monkeypatch.setattr(lockstep, name, lambda *a, _r=real, _n=name: calls.__setitem__(_n, 1) or _r(*a))
+    x, y = mnist
+    model = build_model(model_name)
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    job = ClientJob(x, y, np.arange(40), torch.Generator().manual_seed(0), TrainSpec(batch_size=20))
+    train_lockstep(model, start, [job, job], optim)
+    assert calls == {k: int(k == taken) for k in calls}
+
+
+def test_a_conv_model_whose_forward_is_not_its_module_order_takes_the_general_path(monkeypatch):
+    """The stacked-conv step runs a model's leaf modules in order; a model that does more falls back."""
+    import raypfl.training.lockstep as lockstep
+
+    class Doubled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.relu = torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU()
+            self.flat, self.fc = torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.flat(self.relu(self.conv(x)))) * 2.0
+
+    monkeypatch.setattr(lockstep, "stacked_step", None)  # calling it would fail the test
+    torch.manual_seed(0)
+    model = Doubled()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    spec = TrainSpec(batch_size=8)
+    jobs = [ClientJob(x, y, np.arange(16), torch.Generator().manual_seed(1), spec)]
+    stacked, _ = train_lockstep(model, start, jobs, OptimSpec(lr=0.1))
+    alone = Doubled()
+    alone.load_state_dict(start)
+    train_local(alone, make_optimizer(alone.parameters(), OptimSpec(lr=0.1)), x, y, np.arange(16), spec,
+                torch.Generator().manual_seed(1))  # fmt: skip
+    for name, p in alone.named_parameters():
+        assert torch.allclose(stacked[name][0], p.detach(), atol=1e-6)
 
 
 def _both(tmp_path, *overrides: str):

@@ -1,0 +1,190 @@
+"""Lock-step CNN step on the CPU: the alternatives to vmap's grouped convolution, against the plain loop.
+
+    python benchmarks/lockstep_conv.py --model cnn --clients 5 10 --repeats 15
+
+One training step (forward, backward, plain SGD) of n clients x B=10 MNIST-shaped images, per alternative:
+
+- plain: the floor, n single-client steps one after another (model, autograd, torch.optim.SGD);
+- plain-cl: the same with the model and inputs in channels_last;
+- vmap: raypfl's general lock-step path (functional_call + vmap: a grouped conv), one autograd backward;
+- blockdiag: clients stacked along the batch axis, every conv run with all n clients' filters concatenated
+  (out_channels = n*O) and each client's diagonal block kept, autograd backward (n x the conv FLOPs);
+- im2col: raypfl/training/stacked_conv.py in mode "im2col": per-client im2col + baddbmm (activations
+  [n, C, B, H, W]), hand-written backward (input gradient: bmm + col2im), the SGD update folded into the
+  weight-gradient product;
+- conv-loop: the same hand-written step in mode "loop": each client's conv layers run one client at a
+  time (oneDNN convolution and `convolution_backward`, max-pool with indices, SGD update), the Linear
+  layers batched over clients with the update fused into the gradient product;
+- conv-loop-cl: the same with the conv activations in channels_last (mode "loop-cl", raypfl's choice).
+
+Timings are interleaved (every alternative once per repeat, in turn) on 1 torch thread, medians reported,
+and the ratio is to `plain` of the same n. Writes benchmarks/results/lockstep_conv.{md,csv}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, vmap
+
+from raypfl.models.zoo import build_model
+from raypfl.training.stacked_conv import Layer, conv_stack, stacked_step
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def _blockdiag_forward(
+    layers: list[Layer], params: dict[str, torch.Tensor], xb: torch.Tensor
+) -> torch.Tensor:
+    """Every conv over all clients' batches with all clients' filters; keep each client's own block."""
+    n, b = xb.shape[:2]
+    h = xb.reshape(n * b, *xb.shape[2:])
+    for layer in layers:
+        if layer.kind == "conv":
+            w = params[layer.weight]
+            bias = params[layer.bias].reshape(-1) if layer.bias else None
+            out = F.conv2d(h, w.reshape(-1, *w.shape[2:]), bias, layer.stride, layer.padding)
+            out = out.view(n, b, n, w.shape[1], *out.shape[-2:]).diagonal(dim1=0, dim2=2)
+            h = out.permute(4, 0, 1, 2, 3).reshape(n * b, w.shape[1], *out.shape[-3:-1])
+        elif layer.kind == "relu":
+            h = torch.relu(h)
+        elif layer.kind == "pool":
+            h = F.max_pool2d(h, layer.kernel, layer.stride)
+        elif layer.kind == "flatten":
+            h = h.reshape(n, b, -1)
+        else:
+            w = params[layer.weight]
+            bias = params[layer.bias].unsqueeze(1) if layer.bias else torch.zeros(())
+            h = torch.baddbmm(bias, h, w.transpose(1, 2))
+    return h
+
+
+def _alternatives(model_name: str, n: int, batch: int) -> dict[str, Callable[[], None]]:
+    torch.manual_seed(0)
+    model = build_model(model_name)
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    x = torch.randn(n, batch, 1, 28, 28)
+    y = torch.randint(0, 10, (n, batch))
+    lr = 0.05
+    layers = conv_stack(model)
+    assert layers is not None
+    stacked = {k: v.unsqueeze(0).repeat(n, *[1] * v.dim()).contiguous() for k, v in start.items()}
+    names = list(stacked)
+    mask, counts = torch.ones(n, batch), torch.full((n,), float(batch))
+
+    models = [build_model(model_name) for _ in range(n)]
+    optims = [torch.optim.SGD(m.parameters(), lr=lr) for m in models]
+    models_cl = [build_model(model_name).to(memory_format=torch.channels_last) for _ in range(n)]
+    optims_cl = [torch.optim.SGD(m.parameters(), lr=lr) for m in models_cl]
+    x_cl = [x[c].contiguous(memory_format=torch.channels_last) for c in range(n)]
+
+    def plain() -> None:
+        for c in range(n):
+            optims[c].zero_grad(set_to_none=True)
+            F.cross_entropy(models[c](x[c]), y[c]).backward()
+            optims[c].step()
+
+    def plain_cl() -> None:
+        for c in range(n):
+            optims_cl[c].zero_grad(set_to_none=True)
+            F.cross_entropy(models_cl[c](x_cl[c]), y[c]).backward()
+            optims_cl[c].step()
+
+    forward = vmap(lambda p, xb: functional_call(model, p, (xb,)))
+
+    def autograd_step(fwd: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]) -> None:
+        leaves = [stacked[k].requires_grad_() for k in names]
+        logits = fwd(dict(zip(names, leaves)), x)
+        loss = F.cross_entropy(logits.reshape(n * batch, -1), y.reshape(-1), reduction="none")
+        grads = torch.autograd.grad(loss.view(n, batch).mean(1).sum(), leaves)
+        with torch.no_grad():
+            for k, g in zip(names, grads):
+                stacked[k].sub_(g, alpha=lr)
+
+    def hand(mode: str) -> None:
+        stacked_step(layers, {k: v.detach() for k, v in stacked.items()}, x, y, mask, counts, lr, mode)
+
+    return {
+        "plain": plain,
+        "plain-cl": plain_cl,
+        "vmap": lambda: autograd_step(forward),
+        "blockdiag": lambda: autograd_step(lambda p, xb: _blockdiag_forward(layers, p, xb)),
+        "im2col": lambda: hand("im2col"),
+        "conv-loop": lambda: hand("loop"),
+        "conv-loop-cl": lambda: hand("loop-cl"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="cnn")
+    parser.add_argument("--clients", type=int, nargs="+", default=[5, 10])
+    parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--skip", nargs="*", default=[], help="alternatives not to time")
+    parser.add_argument("--out", default=str(RESULTS / "lockstep_conv"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for n in args.clients:
+        alts = {k: f for k, f in _alternatives(args.model, n, args.batch).items() if k not in args.skip}
+        times: dict[str, list[float]] = {k: [] for k in alts}
+        for f in alts.values():  # warm-up
+            f()
+        for _ in range(args.repeats):
+            for name, f in alts.items():
+                t0 = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - t0)
+        floor = statistics.median(times["plain"])
+        for name, ts in times.items():
+            med = statistics.median(ts)
+            rows.append(
+                {
+                    "model": args.model,
+                    "clients": n,
+                    "batch": args.batch,
+                    "alternative": name,
+                    "median_ms": round(1e3 * med, 2),
+                    "min_ms": round(1e3 * min(ts), 2),
+                    "ratio_to_plain": round(med / floor, 3),
+                }
+            )
+            print(f"n={n:3d} {name:10s} {1e3 * med:9.2f} ms  min {1e3 * min(ts):9.2f}  x{med / floor:.3f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [
+        f"CPU: {_cpu()}, torch {torch.__version__}, 1 thread, {args.repeats} interleaved repeats, "
+        f"model {args.model}, B={args.batch}",
+        "",
+        "| clients | alternative | median ms/step | min | / plain |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['clients']} | {r['alternative']} | {r['median_ms']} | {r['min_ms']} | {r['ratio_to_plain']} |"
+        for r in rows
+    ]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
