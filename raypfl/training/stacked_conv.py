@@ -200,17 +200,41 @@ def _pool_back(grad: torch.Tensor, inp: torch.Tensor, idx: torch.Tensor, layer: 
     return torch.ops.aten.max_pool2d_with_indices_backward(grad, inp, k, s, [0, 0], [1, 1], False, idx)
 
 
+def _first_conv(layer: Layer, params: dict[str, torch.Tensor], xb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The first conv of every client as one batched GEMM: channels-last output `[n, B, H', W', O]` and the
+    columns `[n, B*H'*W', C*k*k]`. It needs no input gradient, and oneDNN's weight gradient for a conv
+    with few input channels (MNIST's 1) is slow, while this GEMM's is fast and can fold in the update."""
+    k, s, p = layer.kernel, layer.stride, layer.padding
+    w = params[layer.weight]  # type: ignore[index]
+    n, b = xb.shape[:2]
+    xp = F.pad(xb, (p, p, p, p)).contiguous()
+    ho, wo = (xp.shape[-2] - k) // s + 1, (xp.shape[-1] - k) // s + 1
+    sn, sb, sc, sh, sw = xp.stride()
+    cols = xp.as_strided((n, b, ho, wo, xp.shape[2], k, k), (sn, sb, sh * s, sw * s, sc, sh, sw))
+    cols = cols.reshape(n, b * ho * wo, -1)
+    w2 = w.view(n, w.shape[1], -1).transpose(1, 2)
+    out = (
+        torch.bmm(cols, w2)
+        if layer.bias is None
+        else torch.baddbmm(params[layer.bias].unsqueeze(1), cols, w2)
+    )
+    return out.view(n, b, ho, wo, w.shape[1]), cols
+
+
 def _features_loop(
     layers: list[Layer], params: dict[str, torch.Tensor], xb: torch.Tensor, channels_last: bool
 ) -> tuple[torch.Tensor, list[list[tuple]]]:
     """Conv/ReLU/pool layers one client at a time (ordinary oneDNN kernels, optionally channels-last); the
-    flattened features `[n, B, F]` of all clients and each client's saved state."""
+    flattened features `[n, B, F]` of all clients and each client's saved state (the last entry of client
+    0's: the first conv's columns if that ran as one GEMM, channels-last only)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    gemm = channels_last and layers[0].kind == "conv"
+    first, cols = _first_conv(layers[0], params, xb) if gemm else (None, None)
     flats, saved = [], []
     for c in range(xb.shape[0]):
-        h = xb[c].contiguous(memory_format=fmt)
-        mine: list[tuple] = []
-        for layer in layers:
+        h = first[c].permute(0, 3, 1, 2) if first is not None else xb[c].contiguous(memory_format=fmt)
+        mine: list[tuple] = [()] if gemm else []
+        for layer in layers[1:] if gemm else layers:
             if layer.kind == "conv":
                 bias = params[layer.bias][c] if layer.bias is not None else None
                 mine.append((h,))
@@ -225,6 +249,7 @@ def _features_loop(
         mine.append((h.shape,))
         saved.append(mine)
         flats.append(h.reshape(h.shape[0], -1))
+    saved[0].append((cols,))
     return torch.stack(flats), saved
 
 
@@ -237,9 +262,11 @@ def _features_back_loop(
     channels_last: bool,
 ) -> None:
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    (cols,) = saved[0].pop()
+    stop = 1 if cols is not None else 0
     for c, mine in enumerate(saved):
         g = grad[c].view(mine[-1][0]).contiguous(memory_format=fmt)
-        for i in range(len(layers) - 1, -1, -1):
+        for i in range(len(layers) - 1, stop - 1, -1):
             layer, keep = layers[i], mine[i]
             if layer.kind == "conv":
                 w = params[layer.weight][c]  # type: ignore[index]
@@ -256,6 +283,33 @@ def _features_back_loop(
                 g = g * (keep[0] > 0)
             else:
                 g = _pool_back(g, keep[0], keep[1], layer)
+        if cols is not None:  # the first conv's update, folded into its weight-gradient GEMM
+            w, dy = params[layers[0].weight][c], g.permute(0, 2, 3, 1).reshape(-1, g.shape[1])  # type: ignore[index]
+            w.view(w.shape[0], -1).addmm_(dy.t(), cols[c], alpha=-lr)  # dy: a view of a channels-last grad
+            if layers[0].bias is not None:
+                params[layers[0].bias][c].sub_(dy.sum(0), alpha=lr)
+
+
+TILE_BYTES = 1 << 20  # a weight tile that stays in a 1-2 MB L2 between its two uses
+
+
+def _linear_back(w: torch.Tensor, grad: torch.Tensor, inp: torch.Tensor, lr: float) -> torch.Tensor:
+    """Input gradient `grad @ W` and the fused update `W -= lr grad^T inp` of stacked weights `[n, O, F]`.
+
+    A large W (the first Linear of a CNN: 6 MB a client) is read from memory once instead of twice: it is
+    walked in column tiles that stay in cache from the product that reads them to the update."""
+    cols = max(64, TILE_BYTES // (w.shape[1] * w.element_size()))
+    if cols >= w.shape[2]:
+        below = torch.bmm(grad, w)  # needs the weights before their update
+        w.baddbmm_(grad.transpose(1, 2), inp, alpha=-lr)
+        return below
+    below = grad.new_empty(*grad.shape[:2], w.shape[2])
+    for c in range(w.shape[0]):
+        for a in range(0, w.shape[2], cols):
+            tile = w[c, :, a : a + cols]
+            torch.mm(grad[c], tile, out=below[c, :, a : a + cols])
+            tile.addmm_(grad[c].t(), inp[c, :, a : a + cols], alpha=-lr)
+    return below
 
 
 def _head(
@@ -320,8 +374,7 @@ def stacked_step(
         for j in range(len(linears) - 1, -1, -1):
             layer = linears[j]
             w = params[layer.weight]  # type: ignore[index]
-            below = torch.bmm(grad, w)  # needs the weights before their update
-            w.baddbmm_(grad.transpose(1, 2), inputs[j], alpha=-lr)
+            below = _linear_back(w, grad, inputs[j], lr)
             if layer.bias is not None:
                 params[layer.bias].sub_(grad.sum(1), alpha=lr)
             grad = below.mul_(pre[j - 1] > 0) if j > 0 and relu_after[j - 1] else below

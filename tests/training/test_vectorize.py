@@ -8,8 +8,11 @@ What is claimed, and why it holds on every CPU (Intel Xeon and AMD EPYC sum floa
    ~120 steps it reaches 1e-10, which is why the test stops at one epoch.
 2. In float32, after ONE step the update differs by at most 1e-3 of its own size. The kernels sum the same
    terms in another order (vmap turns a conv into a grouped conv whose weight gradient sums over batch x
-   pixels differently); a reordered float32 sum of N terms moves by at most ~N * 6e-8 of the terms'
-   magnitudes, and N <= 20 x 28 x 28 = 15,680 here gives ~1e-3 (measured: ~1e-6).
+   pixels differently; the stacked-conv path (raypfl/training/stacked_conv.py) runs channels-last oneDNN
+   convolutions, the first conv's weight gradient as a GEMM over batch x pixels and the Linear layers in
+   column tiles); a reordered float32 sum of N terms moves by at most ~N * 6e-8 of the terms' magnitudes,
+   whatever the order a CPU's kernels pick, and N <= 20 x 28 x 28 = 15,680 here gives ~1e-3 (measured on
+   an AMD EPYC: ~1e-6 for every path).
 3. Over many float32 steps NO such bound exists: a 1-ulp difference flips a max-pool or ReLU choice
    sooner or later, and SGD amplifies it (tiny_cnn, 10 steps: lock-step vs plain 3e-3 on an AMD EPYC, and
    the plain float32 path is itself 2.5e-3 from float64). So multi-round runs are compared on what a user
