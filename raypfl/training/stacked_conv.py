@@ -336,6 +336,16 @@ def _logits(layers: list[Layer], params: dict[str, torch.Tensor], xb: torch.Tens
         return _head(layers[split + 1 :], params, _features_loop(layers[:split], params, xb, False)[0])[0]
 
 
+def _pool_before_relu(layers: list[Layer]) -> list[Layer]:
+    """ReLU then max-pool as max-pool then ReLU: the same values and gradients (max commutes with a
+    non-decreasing map; where the window's max is <= 0 both give a zero gradient), on 4x fewer elements."""
+    out = list(layers)
+    for i in range(len(out) - 1):
+        if out[i].kind == "relu" and out[i + 1].kind == "pool":
+            out[i], out[i + 1] = out[i + 1], out[i]
+    return out
+
+
 def stacked_step(
     layers: list[Layer],
     params: dict[str, torch.Tensor],
@@ -351,7 +361,7 @@ def stacked_step(
     `mode`: how the conv layers run: "im2col" (batched over clients), "loop" or "loop-cl" (per client,
     NCHW or channels-last). The Linear layers always run batched, their update fused into the gradient."""
     split = next(i for i, layer in enumerate(layers) if layer.kind == "flatten")
-    convs, head = layers[:split], layers[split + 1 :]
+    convs, head = _pool_before_relu(layers[:split]), layers[split + 1 :]
     with torch.no_grad():
         if mode == "im2col":
             h, saved = _features_im2col(convs, params, xb)
