@@ -14,8 +14,13 @@ One training step (forward, backward, plain SGD) of n clients x B=10 MNIST-shape
   weight-gradient product;
 - conv-loop: the same hand-written step in mode "loop": each client's conv layers run one client at a
   time (oneDNN convolution and `convolution_backward`, max-pool with indices, SGD update), the Linear
-  layers batched over clients with the update fused into the gradient product;
-- conv-loop-cl: the same with the conv activations in channels_last (mode "loop-cl", raypfl's choice).
+  layers batched over clients with the update fused into the gradient product (the first Linear in
+  L2-sized column tiles), max-pool before ReLU;
+- conv-loop-cl: mode "loop-cl", raypfl's choice: the same in channels_last, and the first conv as one
+  im2col GEMM over all clients with its update folded into the weight-gradient GEMM (a per-layer choice).
+
+Then (`--epoch-repeats`) a whole local epoch of n clients of 600 images through raypfl's own functions:
+`train_local` one client after another (the floor's loop) against `train_lockstep`.
 
 Timings are interleaved (every alternative once per repeat, in turn) on 1 torch thread, medians reported,
 and the ratio is to `plain` of the same n. Both the thread's CPU time (robust when the machine is shared:
@@ -33,11 +38,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
+from raypfl.config import OptimSpec, TrainSpec
 from raypfl.models.zoo import build_model
+from raypfl.training.local import make_optimizer, train_local
+from raypfl.training.lockstep import ClientJob, train_lockstep
 from raypfl.training.stacked_conv import Layer, conv_stack, stacked_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -132,6 +141,30 @@ def _alternatives(model_name: str, n: int, batch: int) -> dict[str, Callable[[],
     }
 
 
+def _epochs(model_name: str, n: int, batch: int, samples: int) -> dict[str, Callable[[], None]]:
+    """A whole local epoch of n clients of `samples` images: train_local one client after another (the
+    floor's loop) against raypfl's train_lockstep (which takes the stacked-conv path for `cnn`)."""
+    torch.manual_seed(0)
+    model = build_model(model_name)
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    x, y = torch.randn(n * samples, 1, 28, 28), torch.randint(0, 10, (n * samples,))
+    spec, optim = TrainSpec(batch_size=batch, local_epochs=1), OptimSpec(lr=0.05)
+    parts = [np.arange(c * samples, (c + 1) * samples) for c in range(n)]
+
+    def plain() -> None:
+        for c, part in enumerate(parts):
+            alone = build_model(model_name)
+            alone.load_state_dict(start)
+            opt = make_optimizer(alone.parameters(), optim)
+            train_local(alone, opt, x, y, part, spec, torch.Generator().manual_seed(c))
+
+    def lockstep() -> None:
+        jobs = [ClientJob(x, y, part, torch.Generator().manual_seed(c), spec) for c, part in enumerate(parts)]
+        train_lockstep(model, start, jobs, optim)
+
+    return {"plain": plain, "train_lockstep": lockstep}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="cnn")
@@ -139,17 +172,25 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--skip", nargs="*", default=[], help="alternatives not to time")
+    parser.add_argument("--epoch-repeats", type=int, default=3, help="whole local epochs (0: none)")
+    parser.add_argument("--samples", type=int, default=600, help="images per client in an epoch")
     parser.add_argument("--out", default=str(RESULTS / "lockstep_conv"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
-    for n in args.clients:
-        alts = {k: f for k, f in _alternatives(args.model, n, args.batch).items() if k not in args.skip}
+    runs = [(n, "step", args.repeats) for n in args.clients]
+    runs += [(n, "epoch", args.epoch_repeats) for n in args.clients if args.epoch_repeats]
+    for n, unit, repeats in runs:
+        alts = (
+            {k: f for k, f in _alternatives(args.model, n, args.batch).items() if k not in args.skip}
+            if unit == "step"
+            else _epochs(args.model, n, args.batch, args.samples)
+        )
         times: dict[str, list[float]] = {k: [] for k in alts}
         cpu: dict[str, list[float]] = {k: [] for k in alts}
-        for f in alts.values():  # warm-up
+        for f in alts.values() if unit == "step" else ():  # warm-up
             f()
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             for name, f in alts.items():
                 t0, c0 = time.perf_counter(), time.thread_time()
                 f()
@@ -163,6 +204,7 @@ def main() -> None:
                     "model": args.model,
                     "clients": n,
                     "batch": args.batch,
+                    "unit": unit,
                     "alternative": name,
                     "cpu_ms": round(1e3 * med_cpu, 2),
                     "cpu_ratio": round(med_cpu / floor_cpu, 3),
@@ -172,7 +214,7 @@ def main() -> None:
                 }
             )
             print(
-                f"n={n:3d} {name:12s} cpu {1e3 * med_cpu:8.2f} ms x{med_cpu / floor_cpu:.3f}"
+                f"{unit:5s} n={n:3d} {name:14s} cpu {1e3 * med_cpu:8.2f} ms x{med_cpu / floor_cpu:.3f}"
                 f"  wall {1e3 * med:8.2f} ms (min {1e3 * min(ts):8.2f}) x{med / floor:.3f}"
             )
     out = Path(args.out)
@@ -185,12 +227,12 @@ def main() -> None:
         f"CPU: {_cpu()}, torch {torch.__version__}, 1 thread, {args.repeats} interleaved repeats, "
         f"model {args.model}, B={args.batch}",
         "",
-        "| clients | alternative | CPU ms/step | / plain | wall ms/step | min | / plain |",
-        "|---|---|---|---|---|---|---|",
+        "| unit | clients | alternative | CPU ms | / plain | wall ms | min | / plain |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['clients']} | {r['alternative']} | {r['cpu_ms']} | {r['cpu_ratio']} | {r['wall_ms']} "
-        f"| {r['wall_min_ms']} | {r['wall_ratio']} |"
+        f"| {r['unit']} | {r['clients']} | {r['alternative']} | {r['cpu_ms']} | {r['cpu_ratio']} "
+        f"| {r['wall_ms']} | {r['wall_min_ms']} | {r['wall_ratio']} |"
         for r in rows
     ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
