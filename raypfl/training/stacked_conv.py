@@ -6,12 +6,15 @@ by hand, forward and backward, with no autograd:
 
 - the conv layers (mode "loop-cl", the default) one client at a time with the ordinary oneDNN kernels
   (`conv2d`, `convolution_backward`, `max_pool2d`) on channels-last activations, the layout in which
-  oneDNN's convolution and PyTorch's max-pool are fastest on these small images; mode "loop" is the same
-  in NCHW, mode "im2col" batches the convolutions over clients as im2col + `baddbmm` (activations
-  `[n, C, B, H, W]`, input gradient by `bmm` + col2im); both are kept for benchmarks/lockstep_conv.py;
-- the Linear layers batched over clients, the SGD update folded into the gradient product
-  (`W.baddbmm_(dz^T, h, alpha=-lr)`), as on lockstep.py's fused Linear path: the first Linear of a CNN
-  holds most of its weights, and writing no gradient tensor halves its memory traffic.
+  oneDNN's convolution and PyTorch's max-pool are fastest on these small images, except the first conv:
+  one im2col GEMM over all clients (it needs no input gradient, and oneDNN's weight gradient for 1 input
+  channel is slow) with the SGD update folded into its weight-gradient GEMM; max-pool runs before the
+  ReLU (same values and gradients, 4x fewer elements). Mode "loop" is the per-client path in NCHW, mode
+  "im2col" batches every conv over clients as im2col + `baddbmm` (activations `[n, C, B, H, W]`, input
+  gradient by `bmm` + col2im); both are slower and kept for benchmarks/lockstep_conv.py;
+- the Linear layers batched over clients, the SGD update folded into the gradient product, as on
+  lockstep.py's fused Linear path; the first Linear of a CNN holds most of its weights (6 MB a client),
+  so its input gradient and update walk it in L2-sized tiles and read it from memory once.
 
 `conv_stack` says whether a model can take this path: its leaf modules, in order, are Conv2d (no groups,
 no dilation, zero padding), ReLU, MaxPool2d, then Flatten and Linear/ReLU, ending with a Linear;
