@@ -29,6 +29,7 @@ from torch.func import functional_call, vmap
 from raypfl.config import OptimSpec, TrainSpec
 from raypfl.errors import ConfigError
 from raypfl.training.local import TrainResult, batches, make_optimizer
+from raypfl.training.stacked_conv import conv_stack, matches_model, stacked_step
 
 
 @dataclass
@@ -96,6 +97,7 @@ def train_lockstep(
     device, dtype = next(iter(params.values())).device, next(iter(params.values())).dtype
     plain_sgd = not optim.momentum and not optim.weight_decay and not proximal_mu
     stack = linear_stack(model) if plain_sgd else None
+    convs = conv_stack(model) if plain_sgd and stack is None else None
     anchor = {k: v.detach() for k, v in global_weights.items()} if proximal_mu else None
     forward = vmap(lambda p, xb: functional_call(model, p, (xb,)))
 
@@ -116,8 +118,13 @@ def train_lockstep(
         full = bool(active.all()) and bool((counts == width).all())
         xb, targets = x[index].to(device), y[index].to(device)  # no-ops on the CPU
         mask, counts, active = mask.to(device), counts.to(device), active.to(device)
-        if stack is not None:
-            logits, per_client = _fused_linear_step(stack, params, xb, targets, mask, counts, optim.lr)
+        if convs is not None and step == 0 and not matches_model(convs, model, params, xb):
+            convs = None  # its forward is not its modules in order: the general path
+        if stack is not None or convs is not None:  # hand-written plain-SGD steps
+            if stack is not None:
+                logits, per_client = _fused_linear_step(stack, params, xb, targets, mask, counts, optim.lr)
+            else:
+                logits, per_client = stacked_step(convs, params, xb, targets, mask, counts, optim.lr)
             if correction is not None:
                 _correct(params, correction, active, full, optim.lr)
         else:

@@ -8,8 +8,11 @@ What is claimed, and why it holds on every CPU (Intel Xeon and AMD EPYC sum floa
    ~120 steps it reaches 1e-10, which is why the test stops at one epoch.
 2. In float32, after ONE step the update differs by at most 1e-3 of its own size. The kernels sum the same
    terms in another order (vmap turns a conv into a grouped conv whose weight gradient sums over batch x
-   pixels differently); a reordered float32 sum of N terms moves by at most ~N * 6e-8 of the terms'
-   magnitudes, and N <= 20 x 28 x 28 = 15,680 here gives ~1e-3 (measured: ~1e-6).
+   pixels differently; the stacked-conv path (raypfl/training/stacked_conv.py) runs channels-last oneDNN
+   convolutions, the first conv's weight gradient as a GEMM over batch x pixels and the Linear layers in
+   column tiles); a reordered float32 sum of N terms moves by at most ~N * 6e-8 of the terms' magnitudes,
+   whatever the order a CPU's kernels pick, and N <= 20 x 28 x 28 = 15,680 here gives ~1e-3 (measured on
+   an AMD EPYC: ~1e-6 for every path).
 3. Over many float32 steps NO such bound exists: a 1-ulp difference flips a max-pool or ReLU choice
    sooner or later, and SGD amplifies it (tiny_cnn, 10 steps: lock-step vs plain 3e-3 on an AMD EPYC, and
    the plain float32 path is itself 2.5e-3 from float64). So multi-round runs are compared on what a user
@@ -88,7 +91,10 @@ def _stacked(model, name: str, flats: list[torch.Tensor]) -> torch.Tensor:
 
 
 PATHS = {
-    "cnn-vmap": ("tiny_cnn", OptimSpec(lr=0.1), [200, 200, 200]),
+    "cnn-vmap": ("tiny_cnn", OptimSpec(lr=0.1, weight_decay=0.001), [200, 200, 200]),
+    "cnn-stacked-sgd": ("tiny_cnn", OptimSpec(lr=0.1), [200, 200, 200]),
+    "cnn2fc-stacked-sgd": ("cnn", OptimSpec(lr=0.05), [100, 100]),
+    "uneven-masked-stacked": ("tiny_cnn", OptimSpec(lr=0.05), [40, 173, 300]),
     "mlp-vmap-momentum": ("mlp", OptimSpec(lr=0.1, momentum=0.9, weight_decay=0.001), [200, 200, 200]),
     "mlp-fused-sgd": ("mlp", OptimSpec(lr=0.1), [200, 200, 200]),
     "uneven-masked-vmap": ("tiny_cnn", OptimSpec(lr=0.05, momentum=0.9), [40, 173, 300]),
@@ -124,6 +130,8 @@ def test_lockstep_one_float32_step_is_within_the_reordering_bound(mnist, path):
     "path, what",
     [
         ("cnn-vmap", "correction"),
+        ("cnn2fc-stacked-sgd", "correction"),
+        ("uneven-masked-stacked", "correction"),
         ("mlp-fused-sgd", "correction"),
         ("uneven-masked-fused", "correction"),
         ("uneven-masked-vmap", "momentum"),
@@ -163,6 +171,59 @@ def test_optimizer_states_round_trip_in_torch_format():
     back = stack_optimizer_states(model, optim, [states[0], None, states[2]])
     assert torch.equal(back[name][2], buffers[name][2]) and not back[name][1].any()
     assert stack_optimizer_states(model, OptimSpec(lr=0.1), [None]) is None  # plain SGD keeps no buffer
+
+
+@pytest.mark.parametrize(
+    "model_name, optim, taken",
+    [
+        ("tiny_cnn", OptimSpec(lr=0.1), "stacked_step"),
+        ("mlp", OptimSpec(lr=0.1), "_fused_linear_step"),
+        ("tiny_cnn", OptimSpec(lr=0.1, momentum=0.9), None),
+    ],
+)
+def test_each_path_is_taken_where_it_applies(mnist, monkeypatch, model_name, optim, taken):
+    """Plain SGD on a conv stack takes the stacked-conv step, on a Linear stack the fused one; else vmap."""
+    import raypfl.training.lockstep as lockstep
+
+    calls = {"stacked_step": 0, "_fused_linear_step": 0}
+    for name in calls:
+        real = getattr(lockstep, name)
+        monkeypatch.setattr(lockstep, name, lambda *a, _r=real, _n=name: calls.__setitem__(_n, 1) or _r(*a))
+    x, y = mnist
+    model = build_model(model_name)
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    job = ClientJob(x, y, np.arange(40), torch.Generator().manual_seed(0), TrainSpec(batch_size=20))
+    train_lockstep(model, start, [job, job], optim)
+    assert calls == {k: int(k == taken) for k in calls}
+
+
+def test_a_conv_model_whose_forward_is_not_its_module_order_takes_the_general_path(monkeypatch):
+    """The stacked-conv step runs a model's leaf modules in order; a model that does more falls back."""
+    import raypfl.training.lockstep as lockstep
+
+    class Doubled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.relu = torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU()
+            self.flat, self.fc = torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.flat(self.relu(self.conv(x)))) * 2.0
+
+    monkeypatch.setattr(lockstep, "stacked_step", None)  # calling it would fail the test
+    torch.manual_seed(0)
+    model = Doubled()
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    spec = TrainSpec(batch_size=8)
+    jobs = [ClientJob(x, y, np.arange(16), torch.Generator().manual_seed(1), spec)]
+    stacked, _ = train_lockstep(model, start, jobs, OptimSpec(lr=0.1))
+    alone = Doubled()
+    alone.load_state_dict(start)
+    train_local(alone, make_optimizer(alone.parameters(), OptimSpec(lr=0.1)), x, y, np.arange(16), spec,
+                torch.Generator().manual_seed(1))  # fmt: skip
+    for name, p in alone.named_parameters():
+        assert torch.allclose(stacked[name][0], p.detach(), atol=1e-6)
 
 
 def _both(tmp_path, *overrides: str):
