@@ -182,6 +182,7 @@ class RuntimeSpec:
     placement: str = "pack"  # ray: pack (fill a node first) | spread (actors over the cluster's nodes)
     # ray: Ray's runtime_env for this run's workers, e.g. {working_dir: .} ships your code to a cluster
     runtime_env: dict[str, Any] | None = knob(None, expect="a mapping (Ray's runtime_env)", null="none")
+    dashboard: bool = False  # ray: a local Ray starts its dashboard (and autoscaler monitor) only if true
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,253 @@
+"""Where each MB of a raypfl Ray run goes: the PSS of every process of its tree, by role.
+
+    python benchmarks/ray_memory.py --label after                 # mlp, 6 rounds, runtime=ray
+    python benchmarks/ray_memory.py --label dashboard -- runtime.dashboard=true
+    python benchmarks/ray_memory.py --report                       # only rewrite the markdown from the CSV
+
+Runs workload W (see workload.py; `--model`, `--rounds`) as `python -m raypfl ... runtime=ray` in a fresh
+process and samples, every 0.25 s, the PSS of that process and of all its descendants (Ray's GCS, raylet,
+agents, dashboard, workers: all descend from the driver of a local Ray). Each process gets a role from its
+command line (the driver, `ray::ClientActor`, `ray::ParameterServer`, `ray::IDLE` workers, gcs_server,
+raylet, ...); the table is the sample with the largest total (the peak of the tree), with each role's
+process count, its PSS, and whether those processes map libtorch. PSS splits shared pages (the object
+store, shared libraries) between the processes that map them, so the rows add up to the total.
+Rows are appended to benchmarks/results/ray_memory.csv under `--label`; benchmarks/results/ray_memory.md
+puts every label of a model side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import psutil
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+import workload  # noqa: E402
+
+#: (role, substring of the command line), first match wins; the driver is the root of the tree.
+ROLES: list[tuple[str, str]] = [
+    ("client actor", "ray::ClientActor"),
+    ("parameter server", "ray::ParameterServer"),
+    ("idle worker", "ray::IDLE"),
+    ("gcs_server", "gcs_server"),
+    ("raylet", "/raylet"),
+    ("dashboard agent", "ray::DashboardAgent"),
+    ("runtime env agent", "ray::RuntimeEnvAgent"),
+    ("dashboard agent", "dashboard/agent.py"),  # before it names itself
+    ("runtime env agent", "runtime_env/agent/main.py"),
+    ("dashboard", "dashboard/dashboard.py"),
+    ("log monitor", "log_monitor.py"),
+    ("autoscaler monitor", "autoscaler/_private/monitor.py"),
+    ("worker (starting)", "default_worker.py"),
+    ("raypfl watchdog", "raypfl.jobs.watchdog"),
+    ("other ray worker", "ray::"),
+]
+ORDER = ["driver", *dict.fromkeys(role for role, _ in ROLES)]
+FIELDS = ["label", "model", "role", "processes", "pss_mb", "torch"]
+
+
+def role_of(proc: psutil.Process, root: int) -> str:
+    """The process's role in the Ray run (see ROLES); a dashboard's subprocess modules count as dashboard."""
+    if proc.pid == root:
+        return "driver"
+    command = " ".join(proc.cmdline()) or proc.name()
+    for role, needle in ROLES:
+        if needle in command:
+            return role
+    if "dashboard" in command:
+        return "dashboard"
+    return proc.name()
+
+
+def maps_torch(pid: int) -> bool:
+    """True if the process has libtorch mapped (it imported torch)."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+class TreeSampler:
+    """Samples the PSS of a process tree by role; keeps the sample with the largest total."""
+
+    def __init__(self, pid: int, interval: float = 0.25):
+        self.root = psutil.Process(pid)
+        self.interval = interval
+        self.peak: dict[str, list] = {}  # role -> [processes, pss MB, any maps torch]
+        self.peak_total = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def sample(self) -> dict[str, list]:
+        """One sample: role -> [processes, PSS MB, torch mapped]."""
+        try:
+            procs = [self.root, *self.root.children(recursive=True)]
+        except psutil.Error:
+            return {}
+        roles: dict[str, list] = {}
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):  # it may end between listing and reading
+                role = role_of(proc, self.root.pid)
+                pss = proc.memory_full_info().pss / 2**20
+                row = roles.setdefault(role, [0, 0.0, False])
+                row[0] += 1
+                row[1] += pss
+                row[2] = row[2] or maps_torch(proc.pid)
+        return roles
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            roles = self.sample()
+            total = sum(row[1] for row in roles.values())
+            if total > self.peak_total:
+                self.peak_total, self.peak = total, roles
+            self._stop.wait(self.interval)
+
+    def stop(self) -> dict[str, list]:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def measure(w: workload.Workload, extra: list[str], scratch: Path) -> dict[str, list]:
+    """Run W on runtime=ray (plus `extra` overrides); the per-role PSS at the peak of its process tree."""
+    command = [
+        sys.executable,
+        "-m",
+        "raypfl",
+        *w.overrides(),
+        "runtime=ray",
+        "runtime.warm_start=false",  # the pool trains every round (warm start may leave it none)
+        *extra,
+        f"hydra.run.dir={scratch}",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "disabled"}
+    log_path = scratch / "output.log"
+    scratch.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        sampler = TreeSampler(proc.pid)
+        code = proc.wait()
+        peak = sampler.stop()
+    if code != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"raypfl exited with {code}; last lines of {log_path}:\n{tail}")
+    return peak
+
+
+def rows_of(label: str, model: str, peak: dict[str, list]) -> list[dict]:
+    """CSV rows (one per role, then the total) of a peak sample."""
+    known = [role for role in ORDER if role in peak] + sorted(set(peak) - set(ORDER))
+    rows = [
+        {
+            "label": label,
+            "model": model,
+            "role": role,
+            "processes": peak[role][0],
+            "pss_mb": round(peak[role][1], 1),
+            "torch": "yes" if peak[role][2] else "no",
+        }
+        for role in known
+    ]
+    total = {
+        "label": label,
+        "model": model,
+        "role": "total",
+        "processes": sum(row["processes"] for row in rows),
+        "pss_mb": round(sum(row[1] for row in peak.values()), 1),
+        "torch": "",
+    }
+    return [*rows, total]
+
+
+def read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def markdown(rows: list[dict]) -> str:
+    """Per model, one table: a row per role, a column per label (processes x MB, and whether torch is in)."""
+    out = [
+        "# Ray memory: PSS per process role at the peak of the process tree",
+        "",
+        "`python benchmarks/ray_memory.py --label LABEL [-- overrides]`; each cell is `processes: MB`",
+        "(PSS summed over the role's processes, at the sample where the tree's total PSS peaked);",
+        "(t) marks roles whose processes map libtorch.",
+        "",
+    ]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        labels = list(dict.fromkeys(r["label"] for r in mine))
+        roles = [role for role in [*ORDER, "total"] if any(r["role"] == role for r in mine)]
+        roles[-1:-1] = sorted({r["role"] for r in mine} - set(roles))
+        if "total" in roles:  # last
+            roles.remove("total")
+            roles.append("total")
+        out += [f"## {model}", "", "| role | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+        for role in roles:
+            cells = []
+            for label in labels:
+                hit = [r for r in mine if r["label"] == label and r["role"] == role]
+                if not hit:
+                    cells.append("-")
+                    continue
+                r = hit[0]
+                mark = " (t)" if r["torch"] == "yes" else ""
+                cells.append(f"{r['processes']}: {float(r['pss_mb']):.0f}{mark}")
+            name = f"**{role}**" if role == "total" else role
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--label", default="now", help="the column of this measurement in the tables")
+    parser.add_argument("--report", action="store_true", help="only rewrite the markdown from the CSV")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("overrides", nargs="*", help="extra raypfl overrides (after --)")
+    args = parser.parse_args(argv)
+    csv_path, md_path = args.results / "ray_memory.csv", args.results / "ray_memory.md"
+    rows = read_csv(csv_path)
+    if not args.report:
+        w = workload.Workload(model=args.model, rounds=args.rounds)
+        with tempfile.TemporaryDirectory(prefix="ray_memory-") as scratch:
+            peak = measure(w, args.overrides, Path(scratch) / "run")
+        new = rows_of(args.label, w.model, peak)
+        rows = [r for r in rows if (r["label"], r["model"]) != (args.label, w.model)] + new
+        for row in new:
+            torch_mark = " (torch)" if row["torch"] == "yes" else ""
+            print(f"{row['role']:>20} {row['processes']:>3} {row['pss_mb']:>8.1f} MB{torch_mark}")
+        args.results.mkdir(parents=True, exist_ok=True)
+        write_csv(csv_path, rows)
+    md_path.write_text(markdown(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
