@@ -54,7 +54,7 @@ ROLES: list[tuple[str, str]] = [
     ("other ray worker", "ray::"),
 ]
 ORDER = ["driver", *dict.fromkeys(role for role, _ in ROLES)]
-FIELDS = ["label", "model", "role", "processes", "pss_mb", "torch"]
+FIELDS = ["label", "model", "role", "processes", "pss_mb", "torch", "anon_mb", "shm_mb", "libs_mb"]
 
 
 def role_of(proc: psutil.Process, root: int) -> str:
@@ -70,6 +70,21 @@ def role_of(proc: psutil.Process, root: int) -> str:
     return proc.name()
 
 
+def kinds(proc: psutil.Process) -> tuple[float, float, float]:
+    """PSS (MB) of a process by kind of mapping: anonymous (heap: Python objects, arrays, torch's own
+    state), shared memory (Ray's object store), and files (shared libraries, the interpreter)."""
+    anon = shm = files = 0
+    for region in proc.memory_maps(grouped=True):
+        path = region.path
+        if path.startswith("/dev/shm") or "plasma" in path or "memfd" in path:
+            shm += region.pss
+        elif not path or path.startswith("["):
+            anon += region.pss
+        else:
+            files += region.pss
+    return anon / 2**20, shm / 2**20, files / 2**20
+
+
 def maps_torch(pid: int) -> bool:
     """True if the process has libtorch mapped (it imported torch)."""
     try:
@@ -81,9 +96,10 @@ def maps_torch(pid: int) -> bool:
 class TreeSampler:
     """Samples the PSS of a process tree by role; keeps the sample with the largest total."""
 
-    def __init__(self, pid: int, interval: float = 0.25):
+    def __init__(self, pid: int, interval: float = 0.25, detail: bool = False):
         self.root = psutil.Process(pid)
         self.interval = interval
+        self.detail = detail  # also split each role's PSS by kind of mapping (slower samples)
         self.peak: dict[str, list] = {}  # role -> [processes, pss MB, any maps torch]
         self.peak_total = 0.0
         self._stop = threading.Event()
@@ -91,7 +107,7 @@ class TreeSampler:
         self._thread.start()
 
     def sample(self) -> dict[str, list]:
-        """One sample: role -> [processes, PSS MB, torch mapped]."""
+        """One sample: role -> [processes, PSS MB, torch mapped, anon MB, shm MB, files MB]."""
         try:
             procs = [self.root, *self.root.children(recursive=True)]
         except psutil.Error:
@@ -101,10 +117,13 @@ class TreeSampler:
             with contextlib.suppress(psutil.Error):  # it may end between listing and reading
                 role = role_of(proc, self.root.pid)
                 pss = proc.memory_full_info().pss / 2**20
-                row = roles.setdefault(role, [0, 0.0, False])
+                split = kinds(proc) if self.detail else (0.0, 0.0, 0.0)
+                row = roles.setdefault(role, [0, 0.0, False, 0.0, 0.0, 0.0])
                 row[0] += 1
                 row[1] += pss
                 row[2] = row[2] or maps_torch(proc.pid)
+                for k, mb in enumerate(split):
+                    row[3 + k] += mb
         return roles
 
     def _loop(self) -> None:
@@ -121,7 +140,7 @@ class TreeSampler:
         return self.peak
 
 
-def measure(w: workload.Workload, extra: list[str], scratch: Path) -> dict[str, list]:
+def measure(w: workload.Workload, extra: list[str], scratch: Path, detail: bool = False) -> dict[str, list]:
     """Run W on runtime=ray (plus `extra` overrides); the per-role PSS at the peak of its process tree."""
     command = [
         sys.executable,
@@ -138,7 +157,7 @@ def measure(w: workload.Workload, extra: list[str], scratch: Path) -> dict[str, 
     scratch.mkdir(parents=True, exist_ok=True)
     with open(log_path, "w") as log:
         proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        sampler = TreeSampler(proc.pid)
+        sampler = TreeSampler(proc.pid, detail=detail)
         code = proc.wait()
         peak = sampler.stop()
     if code != 0:
@@ -158,6 +177,9 @@ def rows_of(label: str, model: str, peak: dict[str, list]) -> list[dict]:
             "processes": peak[role][0],
             "pss_mb": round(peak[role][1], 1),
             "torch": "yes" if peak[role][2] else "no",
+            "anon_mb": round(peak[role][3], 1),
+            "shm_mb": round(peak[role][4], 1),
+            "libs_mb": round(peak[role][5], 1),
         }
         for role in known
     ]
@@ -168,6 +190,7 @@ def rows_of(label: str, model: str, peak: dict[str, list]) -> list[dict]:
         "processes": sum(row["processes"] for row in rows),
         "pss_mb": round(sum(row[1] for row in peak.values()), 1),
         "torch": "",
+        **{key: round(sum(row[k] for row in peak.values()), 1) for k, key in enumerate(FIELDS[-3:], 3)},
     }
     return [*rows, total]
 
@@ -229,6 +252,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--label", default="now", help="the column of this measurement in the tables")
     parser.add_argument("--report", action="store_true", help="only rewrite the markdown from the CSV")
+    parser.add_argument(
+        "--detail", action="store_true", help="split each role's PSS: anonymous, object store, files"
+    )
     parser.add_argument("--results", type=Path, default=RESULTS)
     parser.add_argument("overrides", nargs="*", help="extra raypfl overrides (after --)")
     args = parser.parse_args(argv)
@@ -237,12 +263,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.report:
         w = workload.Workload(model=args.model, rounds=args.rounds)
         with tempfile.TemporaryDirectory(prefix="ray_memory-") as scratch:
-            peak = measure(w, args.overrides, Path(scratch) / "run")
+            peak = measure(w, args.overrides, Path(scratch) / "run", args.detail)
         new = rows_of(args.label, w.model, peak)
         rows = [r for r in rows if (r["label"], r["model"]) != (args.label, w.model)] + new
         for row in new:
             torch_mark = " (torch)" if row["torch"] == "yes" else ""
-            print(f"{row['role']:>20} {row['processes']:>3} {row['pss_mb']:>8.1f} MB{torch_mark}")
+            split = (
+                f" (anon {row['anon_mb']}, shm {row['shm_mb']}, files {row['libs_mb']})"
+                if args.detail
+                else ""
+            )
+            print(f"{row['role']:>20} {row['processes']:>3} {row['pss_mb']:>8.1f} MB{torch_mark}{split}")
         args.results.mkdir(parents=True, exist_ok=True)
         write_csv(csv_path, rows)
     md_path.write_text(markdown(rows))

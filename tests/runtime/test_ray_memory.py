@@ -138,7 +138,8 @@ def _ray_roles(root: psutil.Process) -> set[str]:
 
 @pytest.mark.slow
 def test_a_lean_local_ray_run_works(tmp_path):
-    """A run with its own Ray (runtime.dashboard=false) trains, and its tree has no dashboard nor monitor."""
+    """A run with its own Ray (runtime.dashboard=false) and a runtime_env trains, and its tree has no
+    dashboard nor autoscaler monitor."""
     command = [
         sys.executable,
         "-m",
@@ -148,6 +149,7 @@ def test_a_lean_local_ray_run_works(tmp_path):
         "runtime.num_cpus=2",
         "runtime.warm_start=false",
         "train.rounds=2",
+        "runtime.runtime_env={env_vars:{RAYPFL_LEAN_TEST:'1'}}",  # the runtime-env agent still serves it
         f"hydra.run.dir={tmp_path}",
     ]
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "WANDB_MODE": "disabled"}
