@@ -216,9 +216,12 @@ def markdown(rows: list[dict]) -> str:
     out = [
         "# Ray memory: PSS per process role at the peak of the process tree",
         "",
-        "`python benchmarks/ray_memory.py --label LABEL [-- overrides]`; each cell is `processes: MB`",
-        "(PSS summed over the role's processes, at the sample where the tree's total PSS peaked);",
-        "(t) marks roles whose processes map libtorch.",
+        "`python benchmarks/ray_memory.py --label LABEL [--model cnn] [-- overrides]`: W, 6 rounds,",
+        "runtime=ray, runtime.warm_start=false. Each cell is `processes: MB` (PSS summed over the role's",
+        "processes, at the sample where the tree's total PSS peaked, in the run with the median peak of",
+        "`--repeats`); (t) marks roles whose processes map libtorch. before: commit b966c41; after: issue",
+        "18's memory cuts. The CSV also splits each role's PSS into anonymous memory, object store (shm)",
+        "and files (`--detail`).",
         "",
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
