@@ -187,6 +187,7 @@ class RuntimeSpec:
     node_aggregation: str = knob("auto", choices=NODE_AGGREGATION)
     # ray: Ray's runtime_env for this run's workers, e.g. {working_dir: .} ships your code to a cluster
     runtime_env: dict[str, Any] | None = knob(None, expect="a mapping (Ray's runtime_env)", null="none")
+    dashboard: bool = False  # ray: a local Ray starts its dashboard (and autoscaler monitor) only if true
 
 
 @dataclass(frozen=True)

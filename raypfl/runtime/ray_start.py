@@ -10,6 +10,14 @@ Joining (`runtime.address`) is checked before `ray.init`, which otherwise retrie
 wrong address: the address must accept a TCP connection, answer as a Ray GCS (its `GetClusterId` RPC)
 and have a node on this machine (a driver joins through its local raylet), all within the timeout.
 Each failure is a ConfigError (exit code 2) naming the key.
+
+Memory: a local Ray starts no dashboard unless `runtime.dashboard=true`. With `include_dashboard=False`
+Ray 2.60 still starts its dashboard process (`dashboard.py`, ~80 MB PSS, only its usage-stats module) and
+the autoscaler monitor (~50 MB; it has nothing to scale on one fixed node); `lean_head()` skips both while
+a local Ray starts. What stays: GCS, raylet, the log monitor (actor output reaches the console), and the
+two agents the raylet always starts (dashboard agent, runtime-env agent: runtime_env keeps working). The
+state API and job submission (`ray list`, `ray job`) need `runtime.dashboard=true`.
+benchmarks/ray_memory.py measures each process.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import ray
 
@@ -44,19 +53,59 @@ def start_ray(spec: RuntimeSpec, key: str = "runtime.address") -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    kwargs: dict = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": True}
-    runtime_env = getattr(spec, "runtime_env", None)
-    if runtime_env:  # e.g. {working_dir: .} or {py_modules: [my_pkg]}: user code reaches every node
-        kwargs["runtime_env"] = dict(runtime_env)
+    kwargs = init_kwargs(spec)
     if spec.address:
         join_ray(spec.address, connect_timeout(spec), key, **kwargs)
     else:
-        store = spec.object_store_mb * 1024 * 1024 if spec.object_store_mb else None
-        with loopback_only():
-            ray.init(
-                address="local", num_cpus=spec.num_cpus or os.cpu_count(), object_store_memory=store, **kwargs
-            )
+        with loopback_only(), lean_head(not kwargs["include_dashboard"]):
+            ray.init(address="local", **kwargs)
     return True
+
+
+def init_kwargs(spec: RuntimeSpec) -> dict[str, Any]:
+    """The `ray.init` keyword arguments of `spec` (besides the address): the dashboard only if
+    `runtime.dashboard`; CPUs and object store of a local Ray; the runtime_env."""
+    kwargs: dict[str, Any] = {
+        "include_dashboard": bool(getattr(spec, "dashboard", False)),
+        "logging_level": logging.WARNING,
+        "log_to_driver": True,
+    }
+    if not spec.address:
+        kwargs["num_cpus"] = spec.num_cpus or os.cpu_count()
+        kwargs["object_store_memory"] = spec.object_store_mb * 1024 * 1024 if spec.object_store_mb else None
+    runtime_env = getattr(spec, "runtime_env", None)
+    if runtime_env:  # e.g. {working_dir: .} or {py_modules: [my_pkg]}: user code reaches every node
+        kwargs["runtime_env"] = dict(runtime_env)
+    return kwargs
+
+
+@contextmanager
+def lean_head(enabled: bool = True) -> Iterator[None]:
+    """While active, a local Ray head starts neither its dashboard process nor the autoscaler monitor.
+
+    Ray starts both in `Node.start_head_processes` whatever `include_dashboard` says; here those two
+    `Node` methods do nothing until the head is up (the node then has no web UI URL, as without a dashboard).
+    """
+    if not enabled:
+        yield
+        return
+    from ray._private.node import Node
+
+    saved = Node.start_api_server, Node.start_monitor
+    Node.start_api_server = _skip_api_server
+    Node.start_monitor = _skip_monitor
+    try:
+        yield
+    finally:
+        Node.start_api_server, Node.start_monitor = saved
+
+
+def _skip_api_server(node: Any, *, include_dashboard: bool | None, raise_on_failure: bool) -> None:
+    log.debug("local Ray without a dashboard process (runtime.dashboard=false)")
+
+
+def _skip_monitor(node: Any) -> None:
+    log.debug("local Ray without an autoscaler monitor (one fixed node)")
 
 
 def connect_timeout(spec: RuntimeSpec) -> float:
