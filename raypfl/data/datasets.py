@@ -106,31 +106,25 @@ def load_dataset(
 
 
 def _load_split(name: str, root: Path, train: bool, download: bool) -> tuple[np.ndarray, np.ndarray]:
-    """One split as (N, C, H, W) normalised float32 images and int64 labels.
+    """One split as (N, C, H, W) normalised float32 images and int64 labels, read by torchvision."""
+    import torchvision.datasets as tvd
 
-    The MNIST family's raw IDX files are read with numpy (their headers checked first); torchvision (which
-    costs a process ~120 MB to import) reads CIFAR-10 and legacy files, and downloads.
-    """
     src = _TORCHVISION[name]
+    cls = getattr(tvd, src.cls_name)
     where = root / src.folder
     files = _expected_files(name, where, train)
     _check_readable(root, files)
     missing = [f for f in files if not f.exists()]
-    if not missing and name != "cifar10" and files[0].parent.name == "raw":
-        _check_idx_pair(name, *files[:2])
-        x, y = _read_idx(*files[:2])
+    if missing:
+        if not download:
+            raise DataError(_missing(name, where, "dataset.download=false", missing, files))
+        ds = _download(cls, name, root, where, train, missing, files)
     else:
-        import torchvision.datasets as tvd
-
-        cls = getattr(tvd, src.cls_name)
-        if missing:
-            if not download:
-                raise DataError(_missing(name, where, "dataset.download=false", missing, files))
-            ds = _download(cls, name, root, where, train, missing, files)
-        else:
-            ds = _read(cls, name, root, where, train, files)
-        x = np.asarray(ds.data)
-        y = np.asarray(ds.targets, dtype=np.int64)
+        if name != "cifar10" and files[0].parent.name == "raw":
+            _check_idx_pair(name, *files[:2])
+        ds = _read(cls, name, root, where, train, files)
+    x = np.asarray(ds.data)
+    y = np.asarray(ds.targets, dtype=np.int64)
     _check_arrays(name, where, train, files, x, y)
     x = x[:, None, :, :] if x.ndim == 3 else x.transpose(0, 3, 1, 2)  # -> (N, C, H, W)
     x = x.astype(np.float32)
@@ -223,21 +217,6 @@ def _check_idx(path: Path, item_shape: tuple[int, ...], items: str) -> int:
         cut = "truncated: " if size < expected else ""
         raise _corrupt(path, f"{cut}{size} bytes, but its header says {dims[0]} {items} ({expected} bytes)")
     return dims[0]
-
-
-def _read_idx(images: Path, labels: Path) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 images (N, H, W) and int64 labels (N,) from a checked pair of IDX files (see _check_idx_pair)."""
-    try:
-        with open(images, "rb") as f:
-            head = f.read(16)
-            n, rows, cols = struct.unpack(">3I", head[4:])
-            x = np.frombuffer(f.read(), np.uint8).reshape(n, rows, cols)
-        with open(labels, "rb") as f:
-            f.read(8)
-            y = np.frombuffer(f.read(), np.uint8).astype(np.int64)
-    except PermissionError as exc:
-        raise DataError(_denied(exc.filename or images)) from None
-    return x, y
 
 
 def _read(cls, name: str, root: Path, where: Path, train: bool, files: list[Path]):

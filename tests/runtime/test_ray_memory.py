@@ -176,31 +176,3 @@ def test_a_lean_local_ray_run_works(tmp_path):
     assert "after 2 rounds" in output
     assert {"raylet", "gcs_server"} <= seen  # the watcher saw the Ray
     assert "dashboard/dashboard.py" not in seen and "autoscaler/_private/monitor.py" not in seen
-
-
-def test_mnist_is_read_without_torchvision_and_as_torchvision_reads_it(tmp_path):
-    """The driver reads MNIST's IDX files with numpy (torchvision costs ~120 MB to import): same arrays."""
-    import numpy as np
-    import torchvision.datasets as tvd
-
-    from raypfl.data.datasets import load_dataset
-    from tests.data.test_data import _tiny_mnist
-
-    _tiny_mnist(tmp_path, n_train=7, n_test=3)
-    code = (
-        "import sys\n"
-        "from raypfl.data.datasets import load_dataset\n"
-        f"ds = load_dataset('mnist', {str(tmp_path)!r}, download=False)\n"
-        "assert ds.train_x.shape == (7, 1, 28, 28), ds.train_x.shape\n"
-        "assert 'torchvision' not in sys.modules\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-2000:]
-    ds = load_dataset("mnist", tmp_path, download=False)
-    for train, x, y in ((True, ds.train_x, ds.train_y), (False, ds.test_x, ds.test_y)):
-        reference = tvd.MNIST(str(tmp_path), train=train, download=False)
-        expected = (
-            reference.data.numpy()[:, None].astype(np.float32) / 255.0 - np.float32(0.1307)
-        ) / np.float32(0.3081)
-        assert np.array_equal(x, expected)
-        assert np.array_equal(y, reference.targets.numpy().astype(np.int64))
