@@ -13,6 +13,7 @@ from the driver's reference to the round's weights; nothing of this costs a call
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable
@@ -127,6 +128,7 @@ class RayRuntime:
         self._ready_refs: list = []
         self._previous: tuple[int, object] | None = None  # the current version while the next is pulled
         self._queued_evaluation: tuple[int, tuple] | None = None  # (version, its evaluation's calls)
+        self._stale_evaluation: list = []  # queued evaluation calls of a round that lost an actor
         self.placement: list[dict] = []
         self.server_location: dict = {}
         self._actor_cls = None  # ClientActor with this run's options: new actors replace dead ones
@@ -313,6 +315,10 @@ class RayRuntime:
             per_actor, states = collect_shares(shares, self.sticky)
             *_, summary = ray.get([*(share.push_ref for share in shares), summary_ref])
         except LOST:  # an actor died: replace it, train its share again (raypfl.runtime.recovery)
+            # the queued evaluation read the lost round's pull; the recovered version is evaluated afresh
+            if self._queued_evaluation is not None:
+                self._stale_evaluation += self._queued_evaluation[1][2]
+                self._queued_evaluation = None
             if len(groups) < len(shares):
                 self.ungroup(version, shares, need)
             per_actor, states, summary = self.recovery.finish_round(
@@ -403,8 +409,18 @@ class RayRuntime:
                 return combine_evaluations(ray.get(parts))
             except LOST:  # an actor died: its part is evaluated again on another one
                 return self.recovery.finish_evaluation(version, weights_ref, ranges, parts, handles)
+            finally:
+                self._drop_stale_evaluation()
 
         return collect
+
+    def _drop_stale_evaluation(self) -> None:
+        """Collect, and ignore, the failed evaluation calls of a round recovered from a lost actor (they ran
+        before this evaluation on their actors, or their actor is gone): Ray would report them unhandled."""
+        stale, self._stale_evaluation = self._stale_evaluation, []
+        for ref in stale:
+            with contextlib.suppress(Exception):
+                ray.get(ref, timeout=5)
 
     def _start_evaluation(self, weights_ref) -> tuple[list[tuple[int, int]], list, list]:
         """The test set split evenly over the actors, each part called: (ranges, actors, refs)."""

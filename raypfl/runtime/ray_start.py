@@ -100,11 +100,11 @@ def lean_head(enabled: bool = True) -> Iterator[None]:
         Node.start_api_server, Node.start_monitor = saved
 
 
-def _skip_api_server(node: Any, *, include_dashboard: bool | None, raise_on_failure: bool) -> None:
+def _skip_api_server(node: Any, *args: Any, **kwargs: Any) -> None:
     log.debug("local Ray without a dashboard process (runtime.dashboard=false)")
 
 
-def _skip_monitor(node: Any) -> None:
+def _skip_monitor(node: Any, *args: Any, **kwargs: Any) -> None:
     log.debug("local Ray without an autoscaler monitor (one fixed node)")
 
 
