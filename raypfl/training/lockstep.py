@@ -29,7 +29,7 @@ from torch.func import functional_call, vmap
 from raypfl.config import OptimSpec, TrainSpec
 from raypfl.errors import ConfigError
 from raypfl.training.local import TrainResult, batches, make_optimizer
-from raypfl.training.stacked_conv import conv_stack, matches_model, stacked_step
+from raypfl.training.stacked_conv import conv_stack, masked_cross_entropy, matches_model, stacked_step
 
 
 @dataclass
@@ -208,13 +208,7 @@ def _fused_linear_step(
             pre.append(z)
             h = torch.relu(z) if relu else z
         logits = h
-        log_p = torch.log_softmax(logits, -1)
-        picked = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        scale = mask / counts.clamp(min=1).unsqueeze(1)  # d(mean loss)/d(sample loss); 0 for padding
-        per_client = -(picked * scale).sum(1)
-        dz = log_p.exp_()
-        dz.scatter_add_(-1, targets.unsqueeze(-1), -torch.ones_like(picked).unsqueeze(-1))
-        dz.mul_(scale.unsqueeze(-1))
+        per_client, dz = masked_cross_entropy(logits, targets, mask, counts)
         for i in range(len(layers) - 1, -1, -1):
             weight, bias, _ = layers[i]
             w = params[weight]

@@ -349,6 +349,20 @@ def _pool_before_relu(layers: list[Layer]) -> list[Layer]:
     return out
 
 
+def masked_cross_entropy(
+    logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, counts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each client's mean cross-entropy over its unmasked samples, and its gradient with respect to the
+    logits (softmax - one-hot, scaled by 1/count; 0 for padding): the start of every hand-written backward."""
+    log_p = torch.log_softmax(logits, -1)
+    picked = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    scale = mask / counts.clamp(min=1).unsqueeze(1)  # d(mean loss)/d(sample loss); 0 for padding
+    per_client = -(picked * scale).sum(1)
+    grad = log_p.exp_()
+    grad.scatter_add_(-1, targets.unsqueeze(-1), -torch.ones_like(picked).unsqueeze(-1))
+    return per_client, grad.mul_(scale.unsqueeze(-1))
+
+
 def stacked_step(
     layers: list[Layer],
     params: dict[str, torch.Tensor],
@@ -371,13 +385,7 @@ def stacked_step(
         else:
             h, saved = _features_loop(convs, params, xb, mode == "loop-cl")  # type: ignore[assignment]
         logits, inputs, pre = _head(head, params, h)
-        log_p = torch.log_softmax(logits, -1)
-        picked = log_p.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        scale = mask / counts.clamp(min=1).unsqueeze(1)  # d(mean loss)/d(sample loss); 0 for padding
-        per_client = -(picked * scale).sum(1)
-        grad = log_p.exp_()
-        grad.scatter_add_(-1, targets.unsqueeze(-1), -torch.ones_like(picked).unsqueeze(-1))
-        grad.mul_(scale.unsqueeze(-1))
+        per_client, grad = masked_cross_entropy(logits, targets, mask, counts)
         linears = [layer for layer in head if layer.kind == "linear"]
         relu_after = [
             i + 1 < len(head) and head[i + 1].kind == "relu"
